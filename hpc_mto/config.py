@@ -1,0 +1,304 @@
+"""Typed run configuration: one source of truth for every setting, its default and its rule.
+
+A config is a tree of dataclasses. YAML files and ``--set key=value`` overrides are merged onto the
+defaults; unknown keys fail and list the valid ones; every rule is checked in ``validate`` with a
+message that states it. The resolved config is written to ``RUN_DIR/config.yaml``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+from .errors import ConfigError
+
+
+def _opt(default, help: str, choices: tuple | None = None):
+    """A config field with its documentation (and allowed values) kept beside the default."""
+    meta = {"help": help}
+    if choices:
+        meta["choices"] = choices
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class DataConfig:
+    name: str = _opt("digits", "dataset", ("digits", "mnist1d", "mnist", "fashion_mnist", "cifar10",
+                                           "cifar100", "npz", "hdf5"))
+    data_root: str | None = _opt(None, "directory holding pre-staged torchvision datasets")
+    path: str | None = _opt(None, "file for the npz/hdf5 datasets: arrays x, y (optionally x_test, y_test)")
+    download: bool = _opt(False, "let torchvision download into data_root when files are missing")
+    test_fraction: float = _opt(0.25, "test fraction carved off (seeded) when a dataset has no test split")
+    val_fraction: float = _opt(0.2, "validation fraction of each of the K splits")
+    selection_holdout: float = _opt(0.1, "fraction of the gross training set no task ever touches, "
+                                         "used to score selection candidates (0 disables)")
+    stratify: bool = _opt(True, "stratify splits and holdout by class")
+
+
+@dataclass
+class ModelConfig:
+    name: str = _opt("mlp", "network", ("mlp", "cnn1d", "lenet", "resnet18"))
+    width: int = _opt(128, "hidden units (mlp) or channels (cnn1d)")
+    depth: int = _opt(2, "hidden layers (mlp)")
+    shared_init: bool = _opt(False, "every task starts from the same initial weights (seed only)")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = _opt(30, "epochs per task")
+    batch_size: int = _opt(32, "mini-batch size")
+    optimizer: str = _opt("adam", "optimizer", ("adam", "sgd"))
+    lr: float = _opt(1e-3, "learning rate")
+    momentum: float = _opt(0.9, "sgd momentum")
+    weight_decay: float = _opt(0.0, "weight decay")
+    schedule: str = _opt("constant", "learning-rate schedule", ("constant", "cosine"))
+    threads: int = _opt(1, "torch CPU threads per task (part of the exact-resume contract)")
+    device: str = _opt("auto", "device: cuda by local rank when available", ("auto", "cpu", "cuda"))
+    eval_batch_size: int = _opt(1024, "batch size for evaluation")
+
+
+@dataclass
+class TransferConfig:
+    policy: str = _opt("best", "knowledge transfer policy", ("none", "best", "interpolate", "average"))
+    interval: int = _opt(1, "epochs between transfer rounds")
+    blocks: list = _opt(["*"], "glob patterns of state_dict entries that travel")
+    fitness: str = _opt("val", "set a task scores candidates on", ("val", "train"))
+    probe_size: int = _opt(512, "size of the fixed training probe when fitness is 'train'")
+    min_gain: float = _opt(0.0, "a candidate is adopted when its fitness loss is lower by more than this")
+    alpha: float = _opt(0.5, "interpolate: fraction of the way towards the adopted candidate")
+    optimizer_state: str = _opt("copy", "optimizer state of adopted blocks", ("copy", "reset", "keep"))
+    backend: str = _opt("mpi", "exchange: one MPI world, or HDF5 files on a shared file system",
+                        ("mpi", "file"))
+    peer_timeout: float = _opt(600.0, "file backend: seconds to wait for a peer before using its "
+                                      "newest checkpointed blocks")
+
+
+@dataclass
+class SelectionConfig:
+    rule: str = _opt("cv_mean", "which score picks the output model", ("cv_mean", "holdout"))
+
+
+@dataclass
+class CheckpointConfig:
+    keep: int = _opt(2, "complete checkpoints kept per task")
+    signals: list = _opt(["USR2", "TERM"], "signals that make every task checkpoint and stop")
+
+
+@dataclass
+class Config:
+    seed: int = _opt(0, "seed of splits, initialisation and data order")
+    splits: int = _opt(4, "K: train/validation splits, one task each")
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    transfer: TransferConfig = field(default_factory=TransferConfig)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> "Config":
+        _check_choices(self)
+        rules = [
+            (self.splits >= 1, "splits must be >= 1"),
+            (0 < self.data.val_fraction < 1, "data.val_fraction must be in (0, 1)"),
+            (0 < self.data.test_fraction < 1, "data.test_fraction must be in (0, 1)"),
+            (0 <= self.data.selection_holdout < 1, "data.selection_holdout must be in [0, 1)"),
+            (self.model.width >= 1 and self.model.depth >= 1, "model.width and model.depth must be >= 1"),
+            (self.train.epochs >= 1, "train.epochs must be >= 1"),
+            (self.train.batch_size >= 1 and self.train.eval_batch_size >= 1,
+             "train.batch_size and train.eval_batch_size must be >= 1"),
+            (self.train.lr > 0, "train.lr must be > 0"),
+            (0 <= self.train.momentum < 1, "train.momentum must be in [0, 1)"),
+            (self.train.weight_decay >= 0, "train.weight_decay must be >= 0"),
+            (self.train.threads >= 1, "train.threads must be >= 1"),
+            (self.transfer.interval >= 1, "transfer.interval must be >= 1 (epochs)"),
+            (self.transfer.probe_size >= 1, "transfer.probe_size must be >= 1"),
+            (0 < self.transfer.alpha <= 1, "transfer.alpha must be in (0, 1]"),
+            (self.transfer.min_gain >= 0, "transfer.min_gain must be >= 0"),
+            (self.transfer.peer_timeout > 0, "transfer.peer_timeout must be > 0 seconds"),
+            (len(self.transfer.blocks) > 0 and all(isinstance(b, str) for b in self.transfer.blocks),
+             "transfer.blocks must be a non-empty list of glob patterns"),
+            (self.checkpoint.keep >= 1, "checkpoint.keep must be >= 1"),
+        ]
+        for ok, rule in rules:
+            if not ok:
+                raise ConfigError(f"invalid config: {rule}")
+        from .signals import parse_signal  # late import: signals imports nothing from config
+
+        for name in self.checkpoint.signals:
+            parse_signal(name)
+        return self
+
+
+def _sections(obj) -> dict[str, Any]:
+    return {f.name: f for f in dataclasses.fields(obj)}
+
+
+def _check_choices(obj, prefix: str = "") -> None:
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_choices(value, f"{prefix}{f.name}.")
+        elif "choices" in f.metadata and value not in f.metadata["choices"]:
+            valid = ", ".join(map(str, f.metadata["choices"]))
+            raise ConfigError(f"invalid config: {prefix}{f.name}={value!r}; valid: {valid}")
+
+
+def valid_keys(obj=None, prefix: str = "") -> list[str]:
+    """Every settable dotted key, e.g. ``transfer.policy``."""
+    obj = obj if obj is not None else Config()
+    keys = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            keys += valid_keys(value, f"{prefix}{f.name}.")
+        else:
+            keys.append(prefix + f.name)
+    return keys
+
+
+def _coerce(key: str, value: Any, hint: Any, default: Any) -> Any:
+    """Check one leaf value against its declared type; ints are accepted where floats are."""
+    expected = {"str": str, "int": int, "float": float, "bool": bool, "list": list}
+    hint_s = str(hint)
+    if value is None and "None" in hint_s:
+        return None
+    for name, typ in expected.items():
+        if hint_s.startswith(name) or hint_s == f"<class '{name}'>":
+            if typ is float and isinstance(value, int) and not isinstance(value, bool):
+                return float(value)
+            if typ is not bool and isinstance(value, bool):
+                break
+            if isinstance(value, typ):
+                return value
+            raise ConfigError(f"invalid config: {key} must be {name}, got {value!r}")
+    raise ConfigError(f"invalid config: {key} has an unexpected value {value!r} (default {default!r})")
+
+
+def _merge(obj, data: dict, prefix: str = "") -> None:
+    if not isinstance(data, dict):
+        raise ConfigError(f"invalid config: {prefix.rstrip('.') or 'top level'} must be a mapping")
+    fields = _sections(obj)
+    hints = get_type_hints(type(obj))
+    for key, value in data.items():
+        dotted = prefix + str(key)
+        if key not in fields:
+            valid = [k for k in valid_keys(obj, prefix)]
+            close = difflib.get_close_matches(dotted, valid, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ConfigError(f"unknown config key {dotted!r}{hint}; valid keys: {', '.join(valid)}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            _merge(current, value, dotted + ".")
+        else:
+            setattr(obj, key, _coerce(dotted, value, hints[key], current))
+
+
+def parse_override(text: str) -> dict:
+    """``a.b=value`` -> ``{"a": {"b": value}}`` with the value parsed as YAML (so 1e-3, true, [a, b])."""
+    if "=" not in text:
+        raise ConfigError(f"invalid override {text!r}: expected key=value, e.g. transfer.policy=average")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    # YAML reads "1e-3" as a string (it wants a dot); numbers are what users mean here.
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value for c in ".eE") else value
+        except ValueError:
+            pass
+    out: dict = {}
+    node = out
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return out
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "not valid YAML"
+        raise ConfigError(f"config file {path}: YAML syntax error{where}: {problem}") from None
+    return data or {}
+
+
+def build(layers: list[dict]) -> Config:
+    """Defaults, then each layer (file contents, overrides) in order; validated."""
+    cfg = Config()
+    for layer in layers:
+        _merge(cfg, layer)
+    return cfg.validate()
+
+
+def load(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    layers = [read_yaml(path)] if path else []
+    layers += [parse_override(o) for o in overrides]
+    return build(layers)
+
+
+def dump(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def from_dict(data: dict) -> Config:
+    return build([data])
+
+
+def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+# Keys that may differ between a run's config and the config it is resumed with: they change how
+# long or how loudly a run goes on, not what the finished part of it computed.
+RESUME_SAFE_KEYS = frozenset({"train.epochs", "transfer.peer_timeout", "checkpoint.keep",
+                              "checkpoint.signals", "train.device", "data.data_root", "data.download"})
+
+
+def resume_diff(old: Config, new: Config) -> list[str]:
+    """Lines ``key: old -> new`` for every changed key that is not safe to change on resume."""
+    a, b = flatten(old.to_dict()), flatten(new.to_dict())
+    return [f"{k}: {a[k]!r} -> {b[k]!r}" for k in a if a[k] != b[k] and k not in RESUME_SAFE_KEYS]
+
+
+def help_table() -> list[tuple[str, Any, str]]:
+    """(key, default, help) for every key: the README's config table is generated from this."""
+    rows = []
+
+    def walk(obj, prefix=""):
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                walk(value, f"{prefix}{f.name}.")
+            else:
+                text = f.metadata.get("help", "")
+                if "choices" in f.metadata:
+                    text += " (" + " | ".join(map(str, f.metadata["choices"])) + ")"
+                rows.append((prefix + f.name, value, text))
+
+    walk(Config())
+    return rows

@@ -1,0 +1,209 @@
+"""Dataset registry. Every dataset is offline: bundled, generated locally, or read from files the
+user staged. A dataset is returned as numpy arrays; the official test split is kept apart, and a
+dataset without one gets a fixed test split carved off here (the same for every run and seed, so
+runs with different seeds are compared on the same test set).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .config import DataConfig
+from .errors import DataError
+
+# Seed of the carved test split of datasets without an official one: fixed on purpose (see above).
+CARVED_TEST_SEED = 20200701
+
+
+@dataclass
+class Dataset:
+    x: np.ndarray  # gross training set, float32, (N, *input_shape)
+    y: np.ndarray  # int64 labels in [0, num_classes)
+    x_test: np.ndarray
+    y_test: np.ndarray
+    num_classes: int
+    test_source: str  # "official" or "carved"
+    test_index: np.ndarray | None = None  # positions in the original array when carved
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.x.shape[1:])
+
+
+def stratified_take(y: np.ndarray, fraction: float, rng: np.random.Generator, stratify: bool = True):
+    """Indices (sorted) of a random ``fraction`` of ``y``, the same fraction of every class."""
+    if not stratify:
+        n = int(round(fraction * len(y)))
+        return np.sort(rng.permutation(len(y))[:n])
+    picked = []
+    for c in np.unique(y):
+        members = np.flatnonzero(y == c)
+        n = int(round(fraction * len(members)))
+        picked.append(rng.permutation(members)[:n])
+    return np.sort(np.concatenate(picked))
+
+
+def _carve_test(x, y, fraction, num_classes, name) -> Dataset:
+    test = stratified_take(y, fraction, np.random.default_rng(CARVED_TEST_SEED))
+    keep = np.setdiff1d(np.arange(len(y)), test)
+    return Dataset(x[keep], y[keep], x[test], y[test], num_classes, "carved", test)
+
+
+def _digits(cfg: DataConfig) -> Dataset:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = (d.data.astype(np.float32) / 16.0).reshape(-1, 1, 8, 8)
+    return _carve_test(x, d.target.astype(np.int64), cfg.test_fraction, 10, "digits")
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("HPC_MTO_CACHE", Path.home() / ".cache" / "hpc-mto"))
+
+
+def _mnist1d(cfg: DataConfig) -> Dataset:
+    # make_dataset builds the data from templates locally (~9 s); get_dataset would try to download
+    # and drop a pickle in the working directory. Cache the arrays so K ranks do not each rebuild it.
+    from .atomic import atomic_write
+
+    cache = _cache_dir() / "mnist1d-v1.npz"
+    if not cache.is_file():
+        from mnist1d.data import get_dataset_args, make_dataset
+
+        d = make_dataset(get_dataset_args())
+        arrays = {k: np.asarray(d[k]) for k in ("x", "y", "x_test", "y_test")}
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(cache) as f:
+            np.savez(f, **arrays)
+    with np.load(cache, allow_pickle=False) as d:
+        x, y, xt, yt = (d[k] for k in ("x", "y", "x_test", "y_test"))
+    as_input = lambda a: a.astype(np.float32).reshape(len(a), 1, -1)
+    return Dataset(as_input(x), y.astype(np.int64), as_input(xt), yt.astype(np.int64), 10, "official")
+
+
+def _torchvision(cls_name: str, channels_mean_std: bool):
+    def load(cfg: DataConfig) -> Dataset:
+        import torchvision
+
+        if not cfg.data_root:
+            raise DataError(f"dataset {cfg.name} is read from a pre-staged directory: set data.data_root "
+                            "(torchvision layout, e.g. DATA_ROOT/MNIST/raw/); add data.download=true to fetch it")
+        root = Path(cfg.data_root)
+        if not root.is_dir() and not cfg.download:
+            raise DataError(f"data.data_root {root} does not exist (dataset {cfg.name})")
+        cls = getattr(torchvision.datasets, cls_name)
+        try:
+            train = cls(str(root), train=True, download=cfg.download)
+            test = cls(str(root), train=False, download=cfg.download)
+        except (RuntimeError, OSError) as exc:
+            raise DataError(f"dataset {cfg.name} not found under {root}: {exc}".splitlines()[0]) from None
+        x, xt = (np.asarray(d.data, dtype=np.float32) / 255.0 for d in (train, test))
+        y, yt = (np.asarray(d.targets, dtype=np.int64) for d in (train, test))
+        if x.ndim == 3:  # MNIST-like: (N, H, W) -> (N, 1, H, W)
+            x, xt = x[:, None], xt[:, None]
+        else:  # CIFAR: (N, H, W, C) -> (N, C, H, W)
+            x, xt = x.transpose(0, 3, 1, 2), xt.transpose(0, 3, 1, 2)
+        if channels_mean_std:  # per-channel statistics of the training split only
+            mean = x.mean(axis=(0, 2, 3), keepdims=True)
+            std = x.std(axis=(0, 2, 3), keepdims=True)
+            x, xt = (x - mean) / std, (xt - mean) / std
+        num_classes = len(getattr(train, "classes", [])) or int(y.max()) + 1
+        return Dataset(np.ascontiguousarray(x), y, np.ascontiguousarray(xt), yt, num_classes, "official")
+
+    return load
+
+
+def _read_arrays(cfg: DataConfig) -> dict[str, np.ndarray]:
+    if not cfg.path:
+        raise DataError(f"dataset {cfg.name} needs data.path: a file with arrays x and y")
+    path = Path(cfg.path)
+    if not path.is_file():
+        raise DataError(f"data.path {path} does not exist")
+    try:
+        if cfg.name == "npz":
+            with np.load(path, allow_pickle=False) as f:  # never unpickle a user's file
+                return {k: np.asarray(f[k]) for k in f.files}
+        import h5py
+
+        with h5py.File(path, "r") as f:
+            return {k: np.asarray(f[k]) for k in f.keys() if isinstance(f[k], h5py.Dataset)}
+    except (OSError, ValueError) as exc:
+        raise DataError(f"cannot read {cfg.name} file {path}: {exc}".splitlines()[0]) from None
+
+
+def _user_arrays(cfg: DataConfig) -> Dataset:
+    arrays = _read_arrays(cfg)
+    missing = [k for k in ("x", "y") if k not in arrays]
+    if missing:
+        raise DataError(f"{cfg.path} lacks array(s) {', '.join(missing)}; it must hold x and y "
+                        f"(optionally x_test and y_test); found: {', '.join(sorted(arrays)) or 'none'}")
+    has_test = "x_test" in arrays and "y_test" in arrays
+    pairs = [("x", "y")] + ([("x_test", "y_test")] if has_test else [])
+    for xk, yk in pairs:
+        x, y = arrays[xk], arrays[yk]
+        if len(x) == 0:
+            raise DataError(f"{cfg.path}: {xk} is empty")
+        if len(x) != len(y):
+            raise DataError(f"{cfg.path}: {xk} has {len(x)} samples but {yk} has {len(y)}")
+        if not np.issubdtype(x.dtype, np.number):
+            raise DataError(f"{cfg.path}: {xk} must be numeric, got dtype {x.dtype}")
+        if not (np.issubdtype(y.dtype, np.integer) or
+                (np.issubdtype(y.dtype, np.floating) and np.all(np.mod(y, 1) == 0))):
+            raise DataError(f"{cfg.path}: {yk} must hold integer class labels, got dtype {y.dtype}")
+        if y.ndim != 1:
+            raise DataError(f"{cfg.path}: {yk} must be one label per sample (1-D), got shape {y.shape}")
+        if np.any(y < 0):
+            raise DataError(f"{cfg.path}: {yk} has negative labels; labels must be 0..num_classes-1")
+    y = arrays["y"].astype(np.int64)
+    num_classes = int(y.max()) + 1
+    x = arrays["x"].astype(np.float32)
+    if x.ndim == 1:
+        x = x[:, None]
+    if has_test:
+        yt = arrays["y_test"].astype(np.int64)
+        if yt.max() >= num_classes:
+            raise DataError(f"{cfg.path}: y_test has label {yt.max()} but y only has labels "
+                            f"0..{num_classes - 1}")
+        xt = arrays["x_test"].astype(np.float32)
+        if xt.shape[1:] != x.shape[1:]:
+            raise DataError(f"{cfg.path}: x_test samples have shape {xt.shape[1:]} but x samples "
+                            f"have {x.shape[1:]}")
+        return Dataset(x, y, xt.reshape(len(xt), *x.shape[1:]), yt, num_classes, "official")
+    return _carve_test(x, y, cfg.test_fraction, num_classes, cfg.name)
+
+
+REGISTRY: dict[str, Callable[[DataConfig], Dataset]] = {
+    "digits": _digits,
+    "mnist1d": _mnist1d,
+    "mnist": _torchvision("MNIST", channels_mean_std=False),
+    "fashion_mnist": _torchvision("FashionMNIST", channels_mean_std=False),
+    "cifar10": _torchvision("CIFAR10", channels_mean_std=True),
+    "cifar100": _torchvision("CIFAR100", channels_mean_std=True),
+    "npz": _user_arrays,
+    "hdf5": _user_arrays,
+}
+
+
+def load(cfg: DataConfig) -> Dataset:
+    ds = REGISTRY[cfg.name](cfg)
+    for name, arr in (("inputs", ds.x), ("test inputs", ds.x_test)):
+        if not np.all(np.isfinite(arr)):
+            bad = int(np.sum(~np.isfinite(arr)))
+            raise DataError(f"dataset {cfg.name}: {bad} non-finite values (NaN/Inf) in the {name}")
+    return ds
+
+
+def fingerprint(ds: Dataset) -> str:
+    """A short hash of the arrays: a resume or a peer must train on the very same data."""
+    h = hashlib.sha256()
+    for arr in (ds.x, ds.y, ds.x_test, ds.y_test):
+        h.update(json.dumps([arr.shape, str(arr.dtype)]).encode())
+        h.update(np.ascontiguousarray(arr).tobytes())
+    return h.hexdigest()[:16]

@@ -1,0 +1,1 @@
+"""Launchers: where the K tasks run. ``local`` (mpiexec on this machine) and ``slurm`` (submitit)."""

@@ -1,0 +1,72 @@
+"""Run the K tasks on this machine: ``mpiexec -n K`` (MPI backend) or K processes (file backend).
+
+The launcher holds the run directory's lock for the whole run, shows live progress on a terminal,
+and turns Ctrl-C / SIGTERM into the checkpoint signal so a local run stops resumably too.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from ..errors import LaunchError
+from ..rundir import RunDir
+from ..signals import parse_signal
+from .progress import Progress
+
+
+def find_mpiexec() -> str:
+    # Prefer the mpiexec installed beside this Python (the venv's mpich wheel): it matches the MPI
+    # library mpi4py loads. A cluster's module-provided one on PATH is the fallback.
+    beside = Path(sys.executable).parent / "mpiexec"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("mpiexec") or shutil.which("mpirun")
+    if not found:
+        raise LaunchError("no mpiexec found: install the 'mpich' wheel (pip install 'hpc-mto[mpi]') or load "
+                          "your cluster's MPI module")
+    return found
+
+
+def worker_command(run_dir: Path, task: int | None = None) -> list[str]:
+    cmd = [sys.executable, "-m", "hpc_mto.worker", str(run_dir)]
+    return cmd + (["--task", str(task)] if task is not None else [])
+
+
+def start(run: RunDir, show_progress: bool | None = None) -> int:
+    """Run (or continue) the run to its end; returns the exit status (signals.EXIT_REQUEUE: stopped)."""
+    cfg = run.config()
+    k = cfg.splits
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if cfg.transfer.backend == "file":
+        commands = [worker_command(run.path, t) for t in range(k)]
+    else:
+        commands = [[find_mpiexec(), "-n", str(k)] + worker_command(run.path)]
+    stop_signal = parse_signal(cfg.checkpoint.signals[0]) if cfg.checkpoint.signals else signal.SIGTERM
+    # Own session: a terminal's Ctrl-C reaches only us, and we pass on the checkpoint signal instead.
+    procs = [subprocess.Popen(c, env=env, start_new_session=True) for c in commands]
+
+    def forward(signum, frame):
+        for p in procs:
+            try:
+                os.killpg(p.pid, stop_signal)
+            except ProcessLookupError:
+                pass
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    progress = Progress(run, k, enabled=sys.stdout.isatty() if show_progress is None else show_progress)
+    try:
+        while any(p.poll() is None for p in procs):
+            progress.draw()
+            time.sleep(0.2)
+        progress.draw()
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+    codes = [p.returncode for p in procs]
+    return next((c for c in codes if c != 0), 0)

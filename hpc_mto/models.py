@@ -1,0 +1,96 @@
+"""Model registry. Input shape and class count come from the dataset; ``width``/``depth`` from the
+config. ``build`` checks the network accepts the input shape, so a mismatch is a one-line error
+before any training, not a shape error deep inside a forward pass.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .config import ModelConfig
+from .errors import DataError
+
+
+def _mlp(cfg: ModelConfig, shape, classes) -> nn.Module:
+    layers: list[nn.Module] = [nn.Flatten()]
+    width_in = math.prod(shape)
+    for _ in range(cfg.depth):
+        layers += [nn.Linear(width_in, cfg.width), nn.ReLU()]
+        width_in = cfg.width
+    return nn.Sequential(*layers, nn.Linear(width_in, classes))
+
+
+class ConvBase1d(nn.Module):
+    """MNIST-1D's reference CNN (upstream ``ConvBase``), with the linear input size computed."""
+
+    def __init__(self, shape, classes, channels):
+        super().__init__()
+        if len(shape) != 2:
+            raise DataError(f"model cnn1d takes 1-D signals of shape (channels, length); "
+                            f"this dataset has samples of shape {tuple(shape)}")
+        self.conv1 = nn.Conv1d(shape[0], channels, 5, stride=2, padding=1)
+        self.conv2 = nn.Conv1d(channels, channels, 3, stride=2, padding=1)
+        self.conv3 = nn.Conv1d(channels, channels, 3, stride=2, padding=1)
+        length = shape[1]
+        for k in (5, 3, 3):
+            length = (length + 2 - k) // 2 + 1
+        self.linear = nn.Linear(channels * length, classes)
+
+    def forward(self, x):
+        h = self.conv3(self.conv2(self.conv1(x).relu()).relu()).relu()
+        return self.linear(h.flatten(1))
+
+
+def _lenet(cfg: ModelConfig, shape, classes) -> nn.Module:
+    if len(shape) != 3:
+        raise DataError(f"model lenet takes images of shape (channels, height, width); "
+                        f"this dataset has samples of shape {tuple(shape)}")
+    features = nn.Sequential(
+        nn.Conv2d(shape[0], 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten())
+    with torch.no_grad():
+        try:
+            n = features(torch.zeros(1, *shape)).shape[1]
+        except RuntimeError:
+            raise DataError(f"model lenet needs images of at least 12x12 pixels; this dataset has "
+                            f"{shape[1]}x{shape[2]}") from None
+    return nn.Sequential(features, nn.Linear(n, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(),
+                         nn.Linear(84, classes))
+
+
+def _resnet18(cfg: ModelConfig, shape, classes) -> nn.Module:
+    import torchvision
+
+    if len(shape) != 3:
+        raise DataError(f"model resnet18 takes images of shape (channels, height, width); "
+                        f"this dataset has samples of shape {tuple(shape)}")
+    net = torchvision.models.resnet18(num_classes=classes)
+    # Small inputs (32x32 and below): a 3x3 stride-1 stem and no max-pool keep enough resolution.
+    net.conv1 = nn.Conv2d(shape[0], 64, 3, stride=1, padding=1, bias=False)
+    net.maxpool = nn.Identity()
+    return net
+
+
+REGISTRY: dict[str, Callable[[ModelConfig, tuple, int], nn.Module]] = {
+    "mlp": _mlp,
+    "cnn1d": lambda cfg, shape, classes: ConvBase1d(shape, classes, cfg.width),
+    "lenet": _lenet,
+    "resnet18": _resnet18,
+}
+
+
+def build(cfg: ModelConfig, input_shape: tuple, num_classes: int) -> nn.Module:
+    model = REGISTRY[cfg.name](cfg, tuple(input_shape), num_classes)
+    model.eval()
+    with torch.no_grad():
+        try:
+            out = model(torch.zeros(2, *input_shape))
+        except RuntimeError as exc:
+            raise DataError(f"model {cfg.name} cannot take samples of shape {tuple(input_shape)}: "
+                            f"{str(exc).splitlines()[0]}") from None
+    assert out.shape == (2, num_classes), out.shape
+    return model

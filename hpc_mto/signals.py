@@ -26,18 +26,41 @@ def parse_signal(name: str) -> signal.Signals:
                           "valid: USR1, USR2, TERM, INT, HUP, CONT") from None
 
 
+# Fault injection for tests and drills: "TASK:STEP" makes that task send itself the first configured
+# signal right after that global step, through the real handler, so an interruption lands at an
+# exact, reproducible point instead of wherever a timer happens to fire.
+INJECT_ENV = "HPC_MTO_SIGNAL_AT"
+
+
+def injected_step(task: int, environ=None) -> int | None:
+    import os
+
+    spec = (environ or os.environ).get(INJECT_ENV, "")
+    for item in filter(None, spec.split(",")):
+        t, _, step = item.partition(":")
+        if int(t) == task:
+            return int(step)
+    return None
+
+
 class StopFlag:
     """Set by any of the configured signals; read by the training loop."""
 
     def __init__(self, names=("USR2", "TERM")):
         self.received: int | None = None
         self._previous = {}
+        self.first = parse_signal(names[0]) if names else None
         for name in names:
             sig = parse_signal(name)
             self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
         self.received = signum
+
+    def send_to_self(self) -> None:
+        import os
+
+        os.kill(os.getpid(), self.first)
 
     @property
     def is_set(self) -> bool:

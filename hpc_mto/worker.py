@@ -29,7 +29,7 @@ from .comm import Comm, FileComm, MPIComm, SoloComm, mpi_world_size
 from .config import Config
 from .errors import CheckpointError, DataError, TaskFailed, UserError
 from .rundir import RunDir
-from .signals import EXIT_REQUEUE, StopFlag
+from .signals import EXIT_REQUEUE, StopFlag, injected_step
 from .task import Arrays, Task
 
 
@@ -153,9 +153,16 @@ class Worker:
     def train(self, stop: StopFlag) -> bool:
         """Train to the last epoch; False if stopped by a signal (checkpoint written)."""
         cfg, task = self.cfg, self.task
+        inject_at = injected_step(self.k)
+
+        def should_stop() -> bool:
+            if task.global_step == inject_at and stop.first is not None:
+                stop.send_to_self()
+            return self.comm.any(stop.is_set)
+
         while not task.done:
             t0 = time.perf_counter()
-            completed = task.train_steps(lambda: self.comm.any(stop.is_set))
+            completed = task.train_steps(should_stop)
             self.times["train"] += time.perf_counter() - t0
             if not completed:
                 self.save()

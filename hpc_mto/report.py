@@ -1,0 +1,343 @@
+"""``hpc-mto report``: what a run did, read back from its run directory.
+
+One run: terminal tables (config, per-task accuracy and transfers, the CV matrix, test accuracy of
+the selected model against the alternatives, both selection rules, the time split), and
+RUN_DIR/report/ with PNG plots and a single-file report.html. Several runs: one comparison table.
+A run that is still going (or was stopped) has no result.json yet: the report shows the metrics and
+transfers written so far and says it is partial.
+
+Everything shown is computed once into a plain summary dict (also what ``--json`` prints); the
+text and HTML renderers only format it, so the three outputs cannot disagree.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import click
+import numpy as np
+
+from .config import Config
+from .errors import RunDirError
+from .rundir import RunDir
+
+TIME_KEYS = ("train", "transfer", "eval", "checkpoint")
+
+
+@dataclass
+class RunData:
+    """The raw files of one run, read once."""
+
+    run: RunDir
+    name: str
+    cfg: Config
+    metrics: list[list[dict]]
+    transfers: list[list[dict]]
+    result: dict | None
+
+
+def load(path: str) -> RunData:
+    run = RunDir(path).require()
+    cfg = run.config()
+    result = None
+    if run.finished:
+        try:
+            result = json.loads(run.result_file.read_text())
+        except json.JSONDecodeError as exc:
+            raise RunDirError(f"{run.result_file} is not valid JSON ({exc})") from None
+    return RunData(run, str(path), cfg, [run.metrics(k).read() for k in range(cfg.splits)],
+                   [run.transfers(k).read() for k in range(cfg.splits)], result)
+
+
+# -- the summary ------------------------------------------------------------------------------
+def summarize(d: RunData) -> dict:
+    return {"run_dir": d.name, "finished": d.result is not None, "progress": progress(d),
+            "config": config_summary(d.cfg), "tasks": task_rows(d),
+            "transfer_counts": transfer_counts(d).tolist(), "cv": cv_summary(d.result),
+            "test": test_summary(d.result), "selection": selection_summary(d.result), "timing": timing(d)}
+
+
+def epochs_done(metrics: list[dict]) -> int:
+    # Each line closes the epoch whose 0-based index it carries.
+    return metrics[-1]["epoch"] + 1 if metrics else 0
+
+
+def progress(d: RunData) -> dict:
+    # The slowest task's count: the epochs the whole run has completed (file-backend tasks drift).
+    done, total = min(epochs_done(m) for m in d.metrics), d.cfg.train.epochs
+    status = "finished" if d.result is not None else f"partial: run not finished (epoch {done}/{total})"
+    return {"epochs_done": done, "epochs": total, "status": status}
+
+
+def config_summary(cfg: Config) -> dict:
+    return {"dataset": cfg.data.name, "model": cfg.model.name, "k": cfg.splits, "policy": cfg.transfer.policy,
+            "interval": cfg.transfer.interval, "epochs": cfg.train.epochs, "fitness": cfg.transfer.fitness,
+            "selection_rule": cfg.selection.rule}
+
+
+def sources(record: dict) -> list[int]:
+    """The tasks whose blocks a target adopted in one transfer decision (itself excluded)."""
+    if not record.get("accepted"):
+        return []
+    if "sources" in record:  # `average`: every finite task contributed
+        return [s for s in record["sources"] if s != record["target"]]
+    return [record["source"]]
+
+
+def transfer_counts(d: RunData) -> np.ndarray:
+    """counts[source][target]: accepted transfers from source into target."""
+    k = d.cfg.splits
+    counts = np.zeros((k, k), dtype=int)
+    for log in d.transfers:
+        for record in log:
+            for s in sources(record):
+                counts[s, record["target"]] += 1
+    return counts
+
+
+def task_rows(d: RunData) -> list[dict]:
+    given = transfer_counts(d).sum(axis=1)
+    test = {c["id"]: c["test_acc"] for c in d.result["candidates"]} if d.result else {}
+    rows = []
+    for k, metrics in enumerate(d.metrics):
+        val = [m["val_acc"] for m in metrics]
+        rows.append({"task": k, "epochs_done": epochs_done(metrics),
+                     "val_acc_final": val[-1] if val else None, "val_acc_best": max(val) if val else None,
+                     "test_acc_final": test.get(f"task-{k}/final"), "test_acc_best": test.get(f"task-{k}/best"),
+                     "transfers_accepted": sum(1 for r in d.transfers[k] if r["target"] == k and r["accepted"]),
+                     "transfers_given": int(given[k])})
+    return rows
+
+
+def cv_summary(result: dict | None) -> dict | None:
+    if result is None:
+        return None
+    acc = np.asarray(result["cv_acc"])
+    return {"rows": [c["id"] for c in result["candidates"]], "acc": acc.tolist(),
+            "row_means": acc.mean(axis=1).tolist(), "finite": [c["finite"] for c in result["candidates"]],
+            "selected": result["selected"]["index"]}
+
+
+def test_summary(result: dict | None) -> dict | None:
+    if result is None:
+        return None
+    sel = result["selected"]
+    return {"selected_id": sel["id"], "selected": sel["test_acc"], "selected_holdout": sel["holdout_acc"],
+            "mean_single": result["test_acc_mean"], "best_single": result["test_acc_best_single"],
+            "ensemble": result["ensemble"].get("test_acc")}
+
+
+def selection_summary(result: dict | None) -> dict | None:
+    if result is None:
+        return None
+    keys = ("id", "cv_mean_acc", "holdout_acc", "test_acc")
+    return {"rule": result["rule"],
+            "choices": {rule: {key: c[key] for key in keys} for rule, c in result["choices"].items()}}
+
+
+def timing(d: RunData) -> dict:
+    """Seconds per activity summed over tasks: final totals, or each task's newest metrics line."""
+    if d.result is not None:
+        source, seconds = "result.json", dict(d.result["timing"]["total"])
+    else:
+        newest = [m[-1]["times"] for m in d.metrics if m]
+        source, seconds = "the newest metrics line of each task", {key: sum(t[key] for t in newest) for key in TIME_KEYS}
+    total = sum(seconds.values())
+    return {"source": source, "seconds": seconds, "total": total,
+            "transfer_pct": 100 * seconds["transfer"] / total if total else None}
+
+
+def compare_row(s: dict) -> dict:
+    test = s["test"] or {}
+    return {"run": s["run_dir"], "status": "finished" if s["finished"] else
+            f"epoch {s['progress']['epochs_done']}/{s['progress']['epochs']}",
+            "dataset": s["config"]["dataset"], "k": s["config"]["k"], "policy": s["config"]["policy"],
+            "selected_test_acc": test.get("selected"), "ensemble_test_acc": test.get("ensemble"),
+            "mean_single_test_acc": test.get("mean_single"), "selected_holdout_acc": test.get("selected_holdout"),
+            "task_seconds": s["timing"]["total"]}
+
+
+# -- tables, shared by the terminal and the HTML ---------------------------------------------
+class Table(NamedTuple):
+    title: str
+    header: list[str]
+    rows: list[list[str]]
+    note: str = ""
+
+    def numeric(self) -> list[bool]:
+        """Which columns hold only numbers: those are right-aligned so the digits line up."""
+        return [all(_numeric(row[i]) for row in self.rows) for i in range(len(self.header))]
+
+
+def fmt(x, spec: str = ".4f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def run_tables(s: dict) -> list[Table]:
+    c = s["config"]
+    tables = [Table("config", ["dataset", "model", "K", "policy", "interval", "epochs", "fitness", "selection rule"],
+                    [[c["dataset"], c["model"], str(c["k"]), c["policy"], str(c["interval"]), str(c["epochs"]),
+                      c["fitness"], c["selection_rule"]]]),
+              tasks_table(s["tasks"])]
+    if s["finished"]:
+        tables += [cv_table(s["cv"]), test_table(s["test"]), selection_table(s["selection"])]
+    return tables + [time_table(s["timing"])]
+
+
+def tasks_table(tasks: list[dict]) -> Table:
+    header = ["task", "epochs", "val acc final", "val acc best", "test acc final", "test acc best",
+              "transfers accepted", "transfers given"]
+    rows = [[str(t["task"]), str(t["epochs_done"]), fmt(t["val_acc_final"]), fmt(t["val_acc_best"]),
+             fmt(t["test_acc_final"]), fmt(t["test_acc_best"]), str(t["transfers_accepted"]),
+             str(t["transfers_given"])] for t in tasks]
+    return Table("tasks", header, rows, "given: accepted transfers where this task was the source")
+
+
+def cv_table(cv: dict) -> Table:
+    k = len(cv["acc"][0])
+    rows = [["*" if i == cv["selected"] else "", name + ("" if cv["finite"][i] else " (not finite)"),
+             *(fmt(a) for a in cv["acc"][i]), fmt(cv["row_means"][i])] for i, name in enumerate(cv["rows"])]
+    return Table("cross-validation accuracy (row: candidate, column: validation set)",
+                 ["", "candidate", *(f"val {j}" for j in range(k)), "mean"], rows, "* selected")
+
+
+def test_table(t: dict) -> Table:
+    rows = [[f"selected ({t['selected_id']})", fmt(t["selected"])], ["mean single model (final weights)", fmt(t["mean_single"])],
+            ["best single model (picked by test: hindsight)", fmt(t["best_single"])], ["ensemble of the K models", fmt(t["ensemble"])]]
+    return Table("test accuracy", ["model", "test acc"], rows)
+
+
+def selection_table(sel: dict) -> Table:
+    rows = [["*" if rule == sel["rule"] else "", rule, c["id"], fmt(c["cv_mean_acc"]), fmt(c["holdout_acc"]),
+             fmt(c["test_acc"])] for rule, c in sel["choices"].items()]
+    return Table("selection by each rule", ["", "rule", "model", "cv mean acc", "holdout acc", "test acc"], rows,
+                 "* the run's rule (selection.rule)")
+
+
+def time_table(t: dict) -> Table:
+    total = t["total"] or None
+    rows = [[key, fmt(sec, ".1f"), fmt(100 * sec / total if total else None, ".1f")]
+            for key, sec in t["seconds"].items()]
+    return Table(f"time, summed over tasks (from {t['source']})", ["activity", "seconds", "%"],
+                 rows + [["total", fmt(t["total"], ".1f"), "100.0" if total else "-"]],
+                 "no time recorded yet" if total is None else
+                 f"transfer overhead: {t['transfer_pct']:.1f}% of the total")
+
+
+def compare_table(rows: list[dict]) -> Table:
+    header = ["run", "status", "dataset", "K", "policy", "selected test", "ensemble test", "mean single test",
+              "selected holdout", "task time (s)"]
+    cells = [[r["run"], r["status"], r["dataset"], str(r["k"]), r["policy"], fmt(r["selected_test_acc"]),
+              fmt(r["ensemble_test_acc"]), fmt(r["mean_single_test_acc"]), fmt(r["selected_holdout_acc"]),
+              fmt(r["task_seconds"], ".1f")] for r in rows]
+    return Table("comparison (accuracies on each run's test set)", header, cells,
+                 "task time: training, transfer, evaluation and checkpoint seconds summed over tasks")
+
+
+def _numeric(cell: str) -> bool:
+    try:
+        float(cell)
+    except ValueError:
+        return cell == "-"
+    return True
+
+
+def render_text(table: Table) -> str:
+    widths = [max(len(x) for x in col) for col in zip(table.header, *table.rows)]
+    right = table.numeric()
+
+    def line(cells):
+        return "  ".join(c.rjust(w) if r else c.ljust(w) for c, w, r in zip(cells, widths, right)).rstrip()
+
+    out = [table.title, line(table.header), "  ".join("-" * w for w in widths), *map(line, table.rows)]
+    return "\n".join(out + ([table.note] if table.note else [])) + "\n"
+
+
+# -- files ------------------------------------------------------------------------------------
+def write_report_dir(d: RunData, s: dict, tables: list[Table]) -> list[Path]:
+    from . import report_html, report_plots
+    from .atomic import write_text
+
+    out = d.run.report_dir
+    try:
+        out.mkdir(exist_ok=True)
+        images = report_plots.write_all(d, s, out)
+        html = out / "report.html"
+        write_text(html, report_html.render(f"hpc-mto report: {d.name}", s["progress"]["status"], tables, images))
+    except OSError as exc:
+        raise RunDirError(f"cannot write the report to {out}: {exc.strerror or exc}") from None
+    return [html, *(out / name for name in images)]
+
+
+def summary_writer_class():
+    """TensorBoard's SummaryWriter, or None when tensorboard is not installed (it is optional)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter
+
+
+def write_tensorboard(d: RunData, writer_class) -> Path:
+    root = d.run.report_dir / "tensorboard"
+    shutil.rmtree(root, ignore_errors=True)  # rewritten whole: appending would duplicate every point
+    for k, metrics in enumerate(d.metrics):
+        writer = writer_class(log_dir=str(root / f"task-{k}"))
+        for m in metrics:
+            for key in ("val_acc", "val_loss", "train_acc", "train_loss", "lr"):
+                writer.add_scalar(key, m[key], m["epoch"] + 1)
+        for r in d.transfers[k]:
+            writer.add_scalar("transfer_accepted", float(r["accepted"]), r["epoch"])
+        writer.close()
+    return root
+
+
+# -- the command ------------------------------------------------------------------------------
+@click.command("report")
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON (for scripts) instead of tables.")
+@click.option("--tensorboard", is_flag=True,
+              help="Also write RUN_DIR/report/tensorboard/task-K/ event files (needs tensorboard installed).")
+def report(run_dirs, as_json, tensorboard):
+    """Summarize a run (finished, running or stopped) and write RUN_DIR/report/ (plots, report.html).
+
+    With several RUN_DIRs, print one comparison table and write no files (except --tensorboard).
+    """
+    from .cli import user_errors  # late: cli imports this module to register the command
+
+    user_errors(_report)(run_dirs, as_json, tensorboard)
+
+
+def _report(run_dirs, as_json: bool, tensorboard: bool) -> None:
+    runs = [load(p) for p in run_dirs]  # every path checked before anything is written
+    summaries = [summarize(d) for d in runs]
+    if tensorboard:
+        _tensorboard(runs)
+    if len(runs) == 1:
+        d, s = runs[0], summaries[0]
+        tables = run_tables(s)
+        s["files"] = [str(f) for f in write_report_dir(d, s, tables)]
+        out, text = s, [f"{d.name}: {s['progress']['status']}", *map(render_text, tables),
+                        "report written: " + ", ".join(s["files"])]
+    else:
+        rows = [compare_row(s) for s in summaries]
+        out, text = {"runs": rows}, [render_text(compare_table(rows))]
+    click.echo(json.dumps(out, indent=1) if as_json else "\n".join(text))
+
+
+def _tensorboard(runs: list[RunData]) -> None:
+    """Event files per run; progress goes to stderr so that --json output stays parseable."""
+    writer_class = summary_writer_class()
+    if writer_class is None:
+        click.echo("hpc-mto: tensorboard is not installed: no event files written (pip install tensorboard)",
+                   err=True)
+        return
+    for d in runs:
+        try:
+            click.echo(f"tensorboard events: {write_tensorboard(d, writer_class)}", err=True)
+        except OSError as exc:
+            raise RunDirError(f"cannot write TensorBoard files for {d.name}: {exc.strerror or exc}") from None

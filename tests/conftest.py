@@ -1,0 +1,45 @@
+"""Shared helpers: run the real CLI and real MPI ranks, read run directories."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BIN = Path(sys.executable).parent
+HPC_MTO = str(BIN / "hpc-mto")
+MPIEXEC = str(BIN / "mpiexec")
+HERE = Path(__file__).parent
+
+# Small, fast settings shared by the integration tests: digits, 2-4 epochs.
+QUICK = ["--set", "train.epochs=4", "--set", "data.selection_holdout=0.1", "--no-progress"]
+
+
+def run_cli(*args, env=None, check=True, timeout=600) -> subprocess.CompletedProcess:
+    proc = subprocess.run([HPC_MTO, *map(str, args)], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"hpc-mto {' '.join(map(str, args))} failed ({proc.returncode}):\n"
+                             f"{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def mpi_script(n: int, script: str, *args, timeout=300) -> subprocess.CompletedProcess:
+    """Run tests/mpi/<script> on n real MPI ranks; the script asserts and exits non-zero on failure."""
+    proc = subprocess.run([MPIEXEC, "-n", str(n), sys.executable, str(HERE / "mpi" / script), *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{script} on {n} ranks failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+def result(run_dir) -> dict:
+    return json.loads((Path(run_dir) / "result.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")

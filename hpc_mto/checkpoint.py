@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import re
 from pathlib import Path
@@ -78,7 +79,7 @@ def _write_tensors(group: h5py.Group, tensors: dict[str, torch.Tensor]) -> None:
 
 
 def _read_tensors(group: h5py.Group) -> dict[str, torch.Tensor]:
-    return {name.replace("|", "/"): torch.from_numpy(group[name][()]) for name in group}
+    return {name.replace("|", "/"): torch.from_numpy(np.asarray(group[name][()])) for name in group}
 
 
 def save(root: Path, task: Task, extra: dict, keep: int | None = None) -> Path:
@@ -117,6 +118,10 @@ def save(root: Path, task: Task, extra: dict, keep: int | None = None) -> Path:
 def prune(root: Path, task: int, keep: int) -> None:
     for old in steps(root, task)[:-keep]:
         path_for(root, task, old).unlink(missing_ok=True)
+    # Temporary files of writers that were killed mid-write (each task writes only its own directory).
+    for tmp in task_dir(root, task).glob(".step-*.h5.tmp-*"):
+        if not tmp.name.endswith(f"-{os.getpid()}"):
+            tmp.unlink(missing_ok=True)
 
 
 def steps(root: Path, task: int) -> list[int]:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -11,7 +13,8 @@ from pathlib import Path
 import click
 
 from . import config as config_mod
-from .errors import UserError
+from .errors import LaunchError, UserError
+from .launch.slurm import Request
 from .rundir import RunDir
 from .signals import EXIT_REQUEUE
 
@@ -62,21 +65,50 @@ def default_run_dir(cfg: config_mod.Config) -> Path:
     return Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.data.name}-k{cfg.splits}-{cfg.transfer.policy}"
 
 
+def slurm_options(fn):
+    """One option per field of launch.slurm.Request, whose help and default live there."""
+    for f in reversed(dataclasses.fields(Request)):
+        flag, text = f"--{f.name.replace('_', '-')}", f.metadata["help"]
+        if isinstance(f.default, bool):
+            fn = click.option(flag, is_flag=True, default=None, help=f"SLURM: {text}.")(fn)
+        else:
+            default = "" if f.default is None else f" (default {f.default})"
+            kind = int if f.type.startswith("int") else str
+            fn = click.option(flag, type=kind, default=None, help=f"SLURM: {text}{default}.")(fn)
+    return fn
+
+
+def given(options: dict) -> dict:
+    return {key: value for key, value in options.items() if value not in (None, False)}
+
+
 @main.command()
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML config file.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key (repeatable).")
 @click.option("--splits", type=int, help="K: number of splits (shorthand for --set splits=K).")
 @click.option("--run-dir", type=click.Path(file_okay=False), help="Run directory (default: runs/<time>-<name>).")
-@click.option("--executor", type=click.Choice(["local"]), default="local", show_default=True,
-              help="Where the tasks run.")
+@click.option("--executor", type=click.Choice(["local", "slurm"]),
+              help="Where the tasks run (default: slurm when sbatch is on PATH and --partition is given, else local).")
+@slurm_options
+@click.option("--dry-run", is_flag=True, help="SLURM: print the sbatch script; submit nothing, write nothing.")
+@click.option("--wait", is_flag=True, help="SLURM: follow the run until it ends (local runs always do).")
 @click.option("--progress/--no-progress", default=None, help="Live per-task progress (default: on a terminal).")
 @user_errors
-def launch(config_file, overrides, splits, run_dir, executor, progress):
-    """Start a run: write the run directory, then train the K tasks."""
+def launch(config_file, overrides, splits, run_dir, executor, dry_run, wait, progress, **slurm_opts):
+    """Start a run: write the run directory, then train the K tasks (here, or on SLURM)."""
+    overrides = list(overrides) + ([f"splits={splits}"] if splits is not None else [])
+    if (executor or default_executor(slurm_opts["partition"])) == "slurm":
+        req = Request(**given(slurm_opts))
+        # Array jobs share no MPI world: they exchange through files.
+        cfg = config_mod.load(config_file, overrides + (["transfer.backend=file"] if req.array else []))
+        launch_slurm(RunDir(run_dir or default_run_dir(cfg)), cfg, req, dry_run, wait, progress)
+        return
+    stray = [f"--{key.replace('_', '-')}" for key in given({**slurm_opts, "dry_run": dry_run})]
+    if stray:
+        raise UserError(f"{', '.join(stray)}: only for --executor slurm")
     from .launch import local
     from .worker import prepare
 
-    overrides = list(overrides) + ([f"splits={splits}"] if splits is not None else [])
     cfg = config_mod.load(config_file, overrides)
     run = RunDir(run_dir or default_run_dir(cfg))
     prepare(run, cfg)
@@ -86,25 +118,113 @@ def launch(config_file, overrides, splits, run_dir, executor, progress):
     finish_local(run, code)
 
 
+def default_executor(partition: str | None) -> str:
+    return "slurm" if partition and shutil.which("sbatch") else "local"
+
+
+def launch_slurm(run: RunDir, cfg: config_mod.Config, req: Request, dry_run: bool, wait: bool, progress) -> None:
+    from .launch import slurm
+
+    if dry_run:
+        click.echo(f"# dry run: nothing submitted; run directory {run.path} not created", err=True)
+        click.echo(slurm.sbatch_script(slurm.plan(cfg, req, run.path), run.path, req, cfg.splits), nl=False)
+        return
+    ids = slurm.start(run, cfg, req)
+    submitted(run, ids, wait, progress)
+
+
+def submitted(run: RunDir, ids: list[str], wait: bool, progress) -> None:
+    """Report a SLURM submission; with --wait, follow it to the end like a local run."""
+    from .launch import slurm
+
+    click.echo(f"run directory: {run.path}")
+    click.echo(f"submitted SLURM job{'s' * (len(ids) > 1)} {', '.join(ids)}")
+    if not wait:
+        click.echo(f"follow it with: hpc-mto status {run.path}")
+        return
+    try:
+        states = slurm.follow(run, ids, sys.stdout.isatty() if progress is None else progress)
+    except KeyboardInterrupt:
+        click.echo(f"\nstopped following; the job keeps running: hpc-mto status {run.path} "
+                   f"(or hpc-mto cancel {run.path})", err=True)
+        sys.exit(130)
+    if run.finished:
+        click.echo(summary_line(run))
+        return
+    ended = ", ".join(f"{jid} {s.state}" for jid, s in states.items())
+    click.echo(f"hpc-mto: error: the run's job ended without finishing it ({ended}); logs in {run.slurm_dir}. "
+               f"Checkpoints are kept: hpc-mto resume {run.path}", err=True)
+    sys.exit(1)
+
+
 @main.command()
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Change a key that is safe to change on resume (e.g. train.epochs).")
+@click.option("--wait", is_flag=True, help="SLURM runs: follow the resubmitted job until it ends.")
 @click.option("--progress/--no-progress", default=None)
 @user_errors
-def resume(run_dir, overrides, progress):
-    """Continue a stopped run from the newest checkpoint every task completed."""
-    from .launch import local
+def resume(run_dir, overrides, wait, progress):
+    """Continue a stopped run from the newest checkpoint every task completed (a SLURM run is
+    resubmitted with the resources it was launched with)."""
+    from .launch import local, slurm
 
     run = RunDir(run_dir).require()
     if run.finished and not overrides:
         click.echo(f"run {run.path} already finished")
         click.echo(summary_line(run))
         return
+    record = slurm.read_jobs(run)
     with run.lock():
+        if record is not None:
+            slurm.refuse_if_live(run, record)  # before touching config.yaml under a running job
         apply_resume_overrides(run, overrides)
-        code = local.start(run, progress)
-    finish_local(run, code)
+        if record is not None:
+            ids = slurm.submit(run, record)
+        else:
+            code = local.start(run, progress)
+    if record is not None:
+        submitted(run, ids, wait, progress)
+    else:
+        finish_local(run, code)
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@user_errors
+def status(run_dir):
+    """Where a run stands: the SLURM state of its jobs and each task's progress."""
+    from .launch import slurm
+    from .launch.progress import task_line
+
+    run = RunDir(run_dir).require()
+    record = slurm.read_jobs(run)
+    if record is not None:
+        params = record["parameters"]
+        click.echo(f"SLURM {record['mode']} run, partition {params.get('partition', '(default)')}")
+        for jid, state in slurm.job_states(record["jobs"]).items():
+            click.echo(slurm.state_line(jid, state))
+    cfg = run.config()
+    for task in range(cfg.splits):
+        click.echo(task_line(run, task, cfg.train.epochs))
+    if run.finished:
+        click.echo(summary_line(run))
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@user_errors
+def cancel(run_dir):
+    """Cancel a run's SLURM jobs. Every task checkpoints on the way out: hpc-mto resume continues."""
+    from .launch import slurm
+
+    run = RunDir(run_dir).require()
+    record = slurm.read_jobs(run)
+    if record is None:
+        raise LaunchError(f"run {run.path} was not launched on SLURM; stop a local run with Ctrl-C")
+    ids = slurm.cancel(run, record)
+    click.echo(f"cancelled SLURM job {', '.join(ids)}" if ids else
+               f"nothing to cancel: no job of run {run.path} is pending or running")
 
 
 def apply_resume_overrides(run: RunDir, overrides) -> None:

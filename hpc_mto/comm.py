@@ -24,6 +24,7 @@ import h5py
 import numpy as np
 
 from .atomic import atomic_path, write_json
+from .errors import PeerMissing
 
 # fallback(j) -> (buffer, meta) for a peer that never published; meta gets "stale" added.
 Fallback = Callable[[int], tuple[np.ndarray, dict]]
@@ -155,7 +156,7 @@ class FileComm(Comm):
                 f["blocks"].read_direct(out)
                 return json.loads(f.attrs["meta"])
         if fallback is None:
-            raise TimeoutError(f"task {j} published nothing for {tag} within {self.timeout:.0f}s")
+            raise PeerMissing(f"task {j} published nothing for {tag} within {self.timeout:.0f}s")
         buf, meta = fallback(j)
         out[...] = buf
         self.log(f"task {j} did not publish {tag} within {self.timeout:.0f}s: using its checkpoint")
@@ -187,7 +188,7 @@ class FileComm(Comm):
         for j in range(self.size):
             p = self._path(tag, j, "json")
             if not self._wait(p):
-                raise TimeoutError(f"task {j} published nothing for {tag} within {self.timeout:.0f}s")
+                raise PeerMissing(f"task {j} published nothing for {tag} within {self.timeout:.0f}s")
             out.append(json.loads(p.read_text()))
         return out
 

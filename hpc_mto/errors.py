@@ -37,3 +37,9 @@ class TaskFailed(Exception):
     def __init__(self, task: int, message: str):
         super().__init__(f"task {task}: {message}")
         self.task = task
+
+
+class PeerMissing(Exception):
+    """A peer task published nothing within the timeout where no fallback exists (file backend)."""
+
+    exit_code = 4

@@ -79,7 +79,7 @@ def _best(task, comm, layout, own, meta, tag, cfg, fallback) -> dict:
     best_buf, best_score, best_lineage = layout.empty(), math.inf, None
     for j, buf, m in comm.candidates(tag, own, meta, fallback):
         if m.get("stale"):
-            stale.append(j)
+            stale.append(_staleness(j, m))
         if j == task.task:
             scores[j] = own_score
             continue
@@ -114,8 +114,13 @@ def _average(task, comm, layout, own, meta, tag, cfg, fallback) -> dict:
     if sources:
         _apply(task, layout, (total / len(sources)).astype(np.float32), cfg.optimizer_state)
         task.lineage = _merge_lineage(*(m["lineage"] for m in metas if m["finite"]))
-    return {"sources": sources, "accepted": bool(sources), "stale": [m["task"] for m in metas if m.get("stale")],
-            "lineage": task.lineage}
+    return {"sources": sources, "accepted": bool(sources),
+            "stale": [_staleness(m["task"], m) for m in metas if m.get("stale")], "lineage": task.lineage}
+
+
+def _staleness(task: int, meta: dict) -> dict:
+    """A late peer replaced by its checkpoint: how many rounds behind (None: it has no checkpoint)."""
+    return {"task": task, "rounds_behind": meta.get("rounds_behind")}
 
 
 def _json_num(x):

@@ -27,7 +27,7 @@ from .atomic import atomic_path, write_json
 from .blocks import BlockLayout
 from .comm import Comm, FileComm, MPIComm, SoloComm, mpi_world_size
 from .config import Config
-from .errors import CheckpointError, DataError, TaskFailed, UserError
+from .errors import DataError, PeerMissing, TaskFailed, UserError
 from .rundir import RunDir
 from .signals import EXIT_REQUEUE, StopFlag, injected_step
 from .task import Arrays, Task
@@ -127,8 +127,8 @@ class Worker:
                 self.log(note)
         if step is None:
             if checkpoint.steps(root, self.k):
-                raise CheckpointError(f"task {self.k}: no intact checkpoint that every task reached")
-            self.metrics.truncate(0)  # a run killed before its first checkpoint starts over
+                self.log("no intact checkpoint that every task reached: starting from the beginning")
+            self.metrics.truncate(0)  # nothing trustworthy to continue from: start over
             self.transfers.truncate(0)
             return
         extra = checkpoint.load(checkpoint.path_for(root, self.k, step), self.task)
@@ -228,8 +228,10 @@ def run(run_dir: Path, task_index: int | None = None) -> int:
             return EXIT_REQUEUE
         worker.finish()
         return 0
-    except UserError as exc:
-        print(f"hpc-mto: task {task_index if worker is None else worker.k}: {exc}", file=sys.stderr, flush=True)
+    except (UserError, PeerMissing) as exc:
+        print(f"hpc-mto: task {task_index if worker is None else worker.k}: {exc}"
+              + ("; resume the run once that task is back" if isinstance(exc, PeerMissing) else ""),
+              file=sys.stderr, flush=True)
         code = exc.exit_code
     except Exception as exc:
         who = task_index if worker is None else worker.k

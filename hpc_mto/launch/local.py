@@ -38,6 +38,30 @@ def worker_command(run_dir: Path, task: int | None = None) -> list[str]:
     return cmd + (["--task", str(task)] if task is not None else [])
 
 
+def worker_pids(roots: list[int]) -> list[int]:
+    """The hpc_mto.worker processes among the descendants of ``roots`` (read from /proc)."""
+    parent = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # exited while we looked
+        parent[int(stat.parent.name)] = int(fields[1])
+    found, frontier = [], list(roots)
+    while frontier:
+        pid = frontier.pop()
+        found.append(pid)
+        frontier += [child for child, ppid in parent.items() if ppid == pid]
+
+    def is_worker(pid):  # "python -m hpc_mto.worker ...", not mpiexec whose arguments say the same
+        try:
+            return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[1:3] == [b"-m", b"hpc_mto.worker"]
+        except OSError:
+            return False
+
+    return [pid for pid in found if is_worker(pid)]
+
+
 def start(run: RunDir, show_progress: bool | None = None) -> int:
     """Run (or continue) the run to its end; returns the exit status (signals.EXIT_REQUEUE: stopped)."""
     cfg = run.config()
@@ -52,9 +76,10 @@ def start(run: RunDir, show_progress: bool | None = None) -> int:
     procs = [subprocess.Popen(c, env=env, start_new_session=True) for c in commands]
 
     def forward(signum, frame):
-        for p in procs:
+        # To the workers only: mpiexec itself dies of USR2 instead of forwarding it.
+        for pid in worker_pids([p.pid for p in procs]):
             try:
-                os.killpg(p.pid, stop_signal)
+                os.kill(pid, stop_signal)
             except ProcessLookupError:
                 pass
 

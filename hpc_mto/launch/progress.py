@@ -40,3 +40,13 @@ class Progress:
             out.write("\x1b[2K" + line + "\n")
         out.flush()
         self._drawn = len(lines)
+
+    def note(self, line: str) -> None:
+        """Print a line (a job state change) above the live block, which is then redrawn below it."""
+        out = sys.stdout
+        if self._drawn:
+            out.write(f"\x1b[{self._drawn}F\x1b[J")  # back to the block's first line, erase to the end
+            self._drawn = 0
+            self._last = -float("inf")
+        out.write(line + "\n")
+        out.flush()

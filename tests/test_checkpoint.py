@@ -1,0 +1,62 @@
+"""Checkpoint files: atomic against kill -9, damage detected, exact state restored."""
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from hpc_mto import checkpoint
+
+sys.path.insert(0, str(Path(__file__).parent / "helpers"))
+from write_checkpoints import big_task  # noqa: E402
+
+WRITER = Path(__file__).parent / "helpers" / "write_checkpoints.py"
+
+
+def test_kill_9_while_writing_leaves_the_previous_checkpoint_loadable(tmp_path):
+    proc = subprocess.Popen([sys.executable, str(WRITER), str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "first written"
+    task_dir = checkpoint.task_dir(tmp_path, 0)
+    deadline = time.monotonic() + 60
+    while not list(task_dir.glob(".step-*.tmp-*")):  # a newer checkpoint is being written now
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert list(task_dir.glob(".step-*.tmp-*")), "the kill should have hit a write in progress"
+    finished = checkpoint.steps(tmp_path, 0)
+    assert finished, "the first checkpoint must survive"
+    newest = checkpoint.path_for(tmp_path, 0, finished[-1])
+    assert checkpoint.verify(newest) is None
+    task = big_task()
+    extra = checkpoint.load(newest, task)
+    assert extra["n"] == task.epoch
+    assert checkpoint.newest_common(tmp_path, 1)[0] == finished[-1]
+    checkpoint.save(tmp_path, task, {"n": -1}, keep=2)  # the next save clears the killed writer's debris
+    assert not list(task_dir.glob(".step-*.tmp-*"))
+
+
+def test_save_and_load_restores_weights_optimizer_and_rng(tmp_path):
+    task = big_task()
+    task.train_steps(lambda: False)
+    checkpoint.save(tmp_path, task, {})
+    expected_next = torch.rand(3)
+    other = big_task()
+    checkpoint.load(checkpoint.path_for(tmp_path, 0, task.global_step), other)
+    assert torch.equal(torch.rand(3), expected_next)  # the RNG continues where it was saved
+    for a, b in zip(task.model.state_dict().values(), other.model.state_dict().values()):
+        assert torch.equal(a, b)
+    sa, sb = task.optimizer.state_dict()["state"], other.optimizer.state_dict()["state"]
+    assert all(torch.equal(sa[i][k], sb[i][k]) for i in sa for k in sa[i])
+    assert other.counters() == task.counters()
+
+
+def test_prune_keeps_the_newest(tmp_path):
+    task = big_task()
+    for epoch in range(4):
+        task.epoch = epoch
+        checkpoint.save(tmp_path, task, {}, keep=2)
+    assert checkpoint.steps(tmp_path, 0) == [2 * task.steps_per_epoch, 3 * task.steps_per_epoch]

@@ -1,0 +1,156 @@
+"""Preemption safety: a stopped and resumed run ends bit for bit where an uninterrupted one does;
+damaged or half-written checkpoints are detected and the previous one is used; the file exchange
+gives the same bits as MPI."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import HPC_MTO, result, run_cli
+from hpc_mto import checkpoint
+from hpc_mto.rundir import read_jsonl
+from hpc_mto.signals import EXIT_REQUEUE, INJECT_ENV
+
+pytestmark = pytest.mark.mpi
+
+EPOCHS = 4
+COMMON = ["--splits", 2, "--set", f"train.epochs={EPOCHS}", "--set", "transfer.interval=1", "--no-progress"]
+
+
+def launch(run_dir, policy, *extra, env=None, check=True):
+    return run_cli("launch", "--run-dir", run_dir, "--set", f"transfer.policy={policy}", *COMMON, *extra,
+                   env=env, check=check)
+
+
+def outcome(run_dir: Path) -> dict:
+    """Everything that must be identical between two runs (timings excluded)."""
+    r = result(run_dir)
+    metrics = [[{k: v for k, v in m.items() if k != "times"} for m in read_jsonl(p)]
+               for p in sorted((run_dir / "metrics").glob("*.jsonl"))]
+    return {"cv_acc": r["cv_acc"], "cv_loss": r["cv_loss"], "candidates": r["candidates"],
+            "selected": r["selected"], "choices": r["choices"], "ensemble": r["ensemble"],
+            "transfers": [p.read_text() for p in sorted((run_dir / "transfers").glob("*.jsonl"))],
+            "metrics": metrics}
+
+
+def same_model(a: Path, b: Path) -> bool:
+    x, y = (torch.load(p / "model.pt", weights_only=True) for p in (a, b))
+    return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """Uninterrupted MPI runs, one per policy."""
+    root = tmp_path_factory.mktemp("reference")
+    for policy in ("best", "average"):
+        launch(root / policy, policy)
+    return root
+
+
+@pytest.fixture(scope="module")
+def interrupted(tmp_path_factory):
+    """Runs stopped by a signal at a random (seeded) step; not yet resumed."""
+    root = tmp_path_factory.mktemp("interrupted")
+    rng = random.Random(20201)
+    steps = {}
+    for policy in ("best", "average"):
+        # After the first round (~31 steps an epoch), so an older complete checkpoint exists too.
+        steps[policy] = step = rng.randrange(35, EPOCHS * 30)
+        task = rng.randrange(2)
+        proc = launch(root / policy, policy, env={INJECT_ENV: f"{task}:{step}"}, check=False)
+        assert proc.returncode == EXIT_REQUEUE, proc.stderr
+        assert "hpc-mto resume" in proc.stderr
+        assert not (root / policy / "result.json").exists()
+    return root, steps
+
+
+@pytest.mark.parametrize("policy", ["best", "average"])
+def test_resumed_run_is_bitwise_identical_to_uninterrupted(policy, reference, interrupted, tmp_path):
+    root, steps = interrupted
+    run_dir = tmp_path / policy
+    subprocess.run(["cp", "-a", str(root / policy), str(run_dir)], check=True)
+    # Every task stopped at the same step and checkpointed it.
+    newest = [checkpoint.steps(run_dir / "checkpoints", t)[-1] for t in range(2)]
+    assert newest == [steps[policy]] * 2
+    run_cli("resume", run_dir, "--no-progress")
+    assert outcome(run_dir) == outcome(reference / policy)
+    assert same_model(run_dir, reference / policy)
+
+
+def corrupt(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 64] = bytes(64)
+    data[middle + 100] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_damaged_newest_checkpoint_is_reported_and_the_previous_round_used(reference, interrupted, tmp_path):
+    root, steps = interrupted
+    run_dir = tmp_path / "damaged"
+    subprocess.run(["cp", "-a", str(root / "best"), str(run_dir)], check=True)
+    ckpts = run_dir / "checkpoints"
+    corrupt(checkpoint.path_for(ckpts, 1, steps["best"]))
+    newest0 = checkpoint.path_for(ckpts, 0, steps["best"])
+    os.truncate(newest0, newest0.stat().st_size // 2)
+    step, notes = checkpoint.newest_common(ckpts, 2)
+    assert step is not None and step < steps["best"]
+    assert any("task 1" in n and ("checksum" in n or "unreadable" in n) for n in notes), notes
+    assert any("task 0" in n and "unreadable" in n for n in notes), notes
+    proc = run_cli("resume", run_dir, "--no-progress")
+    assert f"ignoring checkpoint step {steps['best']}" in proc.stderr
+    # Going back a round loses work but not exactness.
+    assert outcome(run_dir) == outcome(reference / "best")
+
+
+def test_external_signal_to_the_launcher_stops_resumably_and_resume_is_exact(reference, tmp_path):
+    run_dir = tmp_path / "external"
+    proc = subprocess.Popen([HPC_MTO, "launch", "--run-dir", str(run_dir), "--set", "transfer.policy=best",
+                             *map(str, COMMON)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = run_dir / "metrics" / "task-0.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 1):
+        assert time.monotonic() < deadline and proc.poll() is None, "no progress"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_REQUEUE, err
+    assert not (run_dir / "result.json").exists()
+    run_cli("resume", run_dir, "--no-progress")
+    assert outcome(run_dir) == outcome(reference / "best")
+
+
+@pytest.mark.parametrize("policy", ["best", "average"])
+def test_file_exchange_gives_the_same_bits_as_mpi(policy, reference, tmp_path):
+    run_dir = tmp_path / policy
+    launch(run_dir, policy, "--set", "transfer.backend=file")
+    assert outcome(run_dir) == outcome(reference / policy)
+    assert same_model(run_dir, reference / policy)
+    # Old rounds are cleaned up: at most the last two rounds' files remain.
+    rounds = sorted(p.name for p in (run_dir / "exchange").glob("round-*") if any(p.iterdir()))
+    assert len(rounds) <= 2, rounds
+
+
+def test_file_exchange_replaces_a_missing_peer_by_its_checkpoint_and_never_blocks(tmp_path):
+    """Task 1 stops for good in epoch 2; task 0 goes on with task 1's checkpointed blocks, logs how
+    stale they were, and gives up at the final selection with a message naming task 1; a resume
+    (peer back) finishes the run."""
+    run_dir = tmp_path / "missing"
+    started = time.monotonic()
+    proc = launch(run_dir, "best", "--set", "transfer.backend=file", "--set", "transfer.peer_timeout=2",
+                  env={INJECT_ENV: "1:40"}, check=False)
+    assert proc.returncode != 0 and time.monotonic() - started < 120
+    assert "task 1 published nothing for final" in proc.stderr
+    assert len(read_jsonl(run_dir / "metrics" / "task-0.jsonl")) == EPOCHS  # task 0 was never blocked
+    stale = [d["stale"] for d in read_jsonl(run_dir / "transfers" / "task-0.jsonl") if d["stale"]]
+    assert stale and all(s[0]["task"] == 1 and s[0]["rounds_behind"] >= 1 for s in stale), stale
+    run_cli("resume", run_dir, "--set", "transfer.peer_timeout=300", "--no-progress")
+    r = result(run_dir)
+    assert r["selected"]["index"] == max(range(4), key=lambda i: (sum(r["cv_acc"][i]), -i))

@@ -59,6 +59,7 @@ class TrainConfig:
     momentum: float = _opt(0.9, "sgd momentum")
     weight_decay: float = _opt(0.0, "weight decay")
     schedule: str = _opt("constant", "learning-rate schedule", ("constant", "cosine"))
+    lr_scale: list = _opt([], "per-task learning-rate multipliers, one per split (empty: all 1)")
     threads: int = _opt(1, "torch CPU threads per task (part of the exact-resume contract)")
     device: str = _opt("auto", "device: cuda by local rank when available", ("auto", "cpu", "cuda"))
     eval_batch_size: int = _opt(1024, "batch size for evaluation")
@@ -120,6 +121,10 @@ class Config:
             (0 <= self.train.momentum < 1, "train.momentum must be in [0, 1)"),
             (self.train.weight_decay >= 0, "train.weight_decay must be >= 0"),
             (self.train.threads >= 1, "train.threads must be >= 1"),
+            (len(self.train.lr_scale) in (0, self.splits), "train.lr_scale must be empty or hold one "
+                                                             "multiplier per split"),
+            (all(isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0 for x in self.train.lr_scale),
+             "train.lr_scale entries must be numbers > 0"),
             (self.transfer.interval >= 1, "transfer.interval must be >= 1 (epochs)"),
             (self.transfer.probe_size >= 1, "transfer.probe_size must be >= 1"),
             (0 < self.transfer.alpha <= 1, "transfer.alpha must be in (0, 1]"),
@@ -203,6 +208,18 @@ def _merge(obj, data: dict, prefix: str = "") -> None:
             setattr(obj, key, _coerce(dotted, value, hints[key], current))
 
 
+def _yaml11_floats(value):
+    """YAML 1.1 reads "1e-3" as a string (it wants a dot); a number is what users mean."""
+    if isinstance(value, list):
+        return [_yaml11_floats(v) for v in value]
+    if isinstance(value, str) and any(c in value for c in "eE") and any(c.isdigit() for c in value):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
+
+
 def parse_override(text: str) -> dict:
     """``a.b=value`` -> ``{"a": {"b": value}}`` with the value parsed as YAML (so 1e-3, true, [a, b])."""
     if "=" not in text:
@@ -212,12 +229,7 @@ def parse_override(text: str) -> dict:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
-    # YAML reads "1e-3" as a string (it wants a dot); numbers are what users mean here.
-    if isinstance(value, str):
-        try:
-            value = float(value) if any(c in value for c in ".eE") else value
-        except ValueError:
-            pass
+    value = _yaml11_floats(value)
     out: dict = {}
     node = out
     parts = key.strip().split(".")
@@ -237,6 +249,10 @@ def read_yaml(path: str | Path) -> dict:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or "not valid YAML"
+        ctx, ctx_mark = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+        # The error often surfaces lines after its cause (an unclosed bracket): name where it began.
+        if ctx and ctx_mark:
+            problem += f" ({ctx} started at line {ctx_mark.line + 1})"
         raise ConfigError(f"config file {path}: YAML syntax error{where}: {problem}") from None
     return data or {}
 

@@ -26,23 +26,6 @@ def parse_signal(name: str) -> signal.Signals:
                           "valid: USR1, USR2, TERM, INT, HUP, CONT") from None
 
 
-# Fault injection for tests and drills: "TASK:STEP" makes that task send itself the first configured
-# signal right after that global step, through the real handler, so an interruption lands at an
-# exact, reproducible point instead of wherever a timer happens to fire.
-INJECT_ENV = "HPC_MTO_SIGNAL_AT"
-
-
-def injected_step(task: int, environ=None) -> int | None:
-    import os
-
-    spec = (environ or os.environ).get(INJECT_ENV, "")
-    for item in filter(None, spec.split(",")):
-        t, _, step = item.partition(":")
-        if int(t) == task:
-            return int(step)
-    return None
-
-
 class StopFlag:
     """Set by any of the configured signals; read by the training loop."""
 

@@ -110,7 +110,7 @@ class Task:
         return torch.from_numpy(rng.permutation(len(self.train))).to(self.device)
 
     def lr_at(self, epoch: int) -> float:
-        lr = self.cfg.train.lr
+        lr = self.cfg.train.lr * (self.cfg.train.lr_scale[self.task] if self.cfg.train.lr_scale else 1.0)
         if self.cfg.train.schedule == "cosine":
             lr *= 0.5 * (1 + math.cos(math.pi * epoch / self.cfg.train.epochs))
         return lr

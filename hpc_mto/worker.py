@@ -29,7 +29,8 @@ from .comm import Comm, FileComm, MPIComm, SoloComm, mpi_world_size
 from .config import Config
 from .errors import DataError, PeerMissing, TaskFailed, UserError
 from .rundir import RunDir
-from .signals import EXIT_REQUEUE, StopFlag, injected_step
+from .faults import Faults
+from .signals import EXIT_REQUEUE, StopFlag
 from .task import Arrays, Task
 
 
@@ -153,11 +154,10 @@ class Worker:
     def train(self, stop: StopFlag) -> bool:
         """Train to the last epoch; False if stopped by a signal (checkpoint written)."""
         cfg, task = self.cfg, self.task
-        inject_at = injected_step(self.k)
+        faults = Faults(self.k, stop.send_to_self)
 
         def should_stop() -> bool:
-            if task.global_step == inject_at and stop.first is not None:
-                stop.send_to_self()
+            faults.fire("step", task.global_step)
             return self.comm.any(stop.is_set)
 
         while not task.done:
@@ -173,6 +173,7 @@ class Worker:
             is_round = task.epoch % cfg.transfer.interval == 0
             if is_round and cfg.transfer.policy != "none" and not task.done:
                 t0 = time.perf_counter()
+                faults.fire("transfer", task.epoch // cfg.transfer.interval)
                 decision = transfer.run_round(task, self.comm, cfg.transfer, task.epoch // cfg.transfer.interval,
                                               self.peer_fallback)
                 self.transfers.append(decision)
@@ -184,6 +185,7 @@ class Worker:
             self.metrics.append(record)
             stopping = self.comm.any(stop.is_set)
             if is_round or task.done or stopping:
+                faults.fire("checkpoint", task.global_step)
                 self.save()
             if stopping:
                 return False

@@ -16,7 +16,8 @@ import torch
 from conftest import HPC_MTO, result, run_cli
 from hpc_mto import checkpoint
 from hpc_mto.rundir import read_jsonl
-from hpc_mto.signals import EXIT_REQUEUE, INJECT_ENV
+from hpc_mto.faults import ENV as INJECT_ENV
+from hpc_mto.signals import EXIT_REQUEUE
 
 pytestmark = pytest.mark.mpi
 
@@ -64,7 +65,7 @@ def interrupted(tmp_path_factory):
         # After the first round (~31 steps an epoch), so an older complete checkpoint exists too.
         steps[policy] = step = rng.randrange(35, EPOCHS * 30)
         task = rng.randrange(2)
-        proc = launch(root / policy, policy, env={INJECT_ENV: f"{task}:{step}"}, check=False)
+        proc = launch(root / policy, policy, env={INJECT_ENV: f"signal@step:{task}:{step}"}, check=False)
         assert proc.returncode == EXIT_REQUEUE, proc.stderr
         assert "hpc-mto resume" in proc.stderr
         assert not (root / policy / "result.json").exists()
@@ -145,7 +146,7 @@ def test_file_exchange_replaces_a_missing_peer_by_its_checkpoint_and_never_block
     run_dir = tmp_path / "missing"
     started = time.monotonic()
     proc = launch(run_dir, "best", "--set", "transfer.backend=file", "--set", "transfer.peer_timeout=2",
-                  env={INJECT_ENV: "1:40"}, check=False)
+                  env={INJECT_ENV: "signal@step:1:40"}, check=False)
     assert proc.returncode != 0 and time.monotonic() - started < 120
     assert "task 1 published nothing for final" in proc.stderr
     assert len(read_jsonl(run_dir / "metrics" / "task-0.jsonl")) == EPOCHS  # task 0 was never blocked
@@ -154,3 +155,14 @@ def test_file_exchange_replaces_a_missing_peer_by_its_checkpoint_and_never_block
     run_cli("resume", run_dir, "--set", "transfer.peer_timeout=300", "--no-progress")
     r = result(run_dir)
     assert r["selected"]["index"] == max(range(4), key=lambda i: (sum(r["cv_acc"][i]), -i))
+
+
+@pytest.mark.parametrize("point", ["transfer:1:2", "checkpoint:0:62"])
+def test_a_signal_during_a_transfer_or_a_checkpoint_still_leaves_a_resumable_state(point, reference, tmp_path):
+    """The handler only raises a flag: the round or the write in progress completes, every task
+    stops at the next step with a consistent checkpoint, and the resumed run is still exact."""
+    run_dir = tmp_path / "stopped"
+    proc = launch(run_dir, "best", env={INJECT_ENV: f"signal@{point}"}, check=False)
+    assert proc.returncode == EXIT_REQUEUE, proc.stderr
+    run_cli("resume", run_dir, "--no-progress")
+    assert outcome(run_dir) == outcome(reference / "best")

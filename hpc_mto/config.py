@@ -313,7 +313,7 @@ def help_table() -> list[tuple[str, Any, str]]:
             else:
                 text = f.metadata.get("help", "")
                 if "choices" in f.metadata:
-                    text += " (" + " | ".join(map(str, f.metadata["choices"])) + ")"
+                    text += " (one of: " + ", ".join(map(str, f.metadata["choices"])) + ")"
                 rows.append((prefix + f.name, value, text))
 
     walk(Config())

@@ -73,3 +73,9 @@ def test_resume_diff_allows_safe_keys_only():
 def test_dump_round_trips():
     cfg = config.load(None, ["transfer.policy=average", "train.epochs=7"])
     assert config.from_dict(yaml.safe_load(config.dump(cfg))) == cfg
+
+
+def test_readme_documents_every_config_key():
+    readme = (ROOT / "README.md").read_text()
+    missing = [k for k in config.valid_keys() if f"`{k}`" not in readme]
+    assert not missing, missing

@@ -157,12 +157,17 @@ def test_file_exchange_replaces_a_missing_peer_by_its_checkpoint_and_never_block
     assert r["selected"]["index"] == max(range(4), key=lambda i: (sum(r["cv_acc"][i]), -i))
 
 
-@pytest.mark.parametrize("point", ["transfer:1:2", "checkpoint:0:62"])
-def test_a_signal_during_a_transfer_or_a_checkpoint_still_leaves_a_resumable_state(point, reference, tmp_path):
+def test_signals_during_a_transfer_and_during_a_checkpoint_still_leave_resumable_states(reference, tmp_path):
     """The handler only raises a flag: the round or the write in progress completes, every task
-    stops at the next step with a consistent checkpoint, and the resumed run is still exact."""
+    stops at the next step with a consistent checkpoint, and the resumed run is still exact.
+    First stop: during task 1's transfer round 2; second (after a resume): during task 0's
+    checkpoint at the end of epoch 3 (global step 93)."""
     run_dir = tmp_path / "stopped"
-    proc = launch(run_dir, "best", env={INJECT_ENV: f"signal@{point}"}, check=False)
+    env = {INJECT_ENV: "signal@transfer:1:2,signal@checkpoint:0:93"}
+    proc = launch(run_dir, "best", env=env, check=False)
     assert proc.returncode == EXIT_REQUEUE, proc.stderr
+    proc = run_cli("resume", run_dir, "--no-progress", env=env, check=False)
+    assert proc.returncode == EXIT_REQUEUE, proc.stderr
+    assert checkpoint.steps(run_dir / "checkpoints", 0)[-1] == 94  # stopped one step after the write
     run_cli("resume", run_dir, "--no-progress")
     assert outcome(run_dir) == outcome(reference / "best")

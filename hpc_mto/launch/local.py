@@ -89,7 +89,7 @@ def start(run: RunDir, show_progress: bool | None = None) -> int:
         while any(p.poll() is None for p in procs):
             progress.draw()
             time.sleep(0.2)
-        progress.draw()
+        progress.draw(force=True)
     finally:
         for s, h in previous.items():
             signal.signal(s, h)

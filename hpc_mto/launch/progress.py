@@ -27,9 +27,9 @@ class Progress:
         self._drawn = 0
         self._last = -float("inf")
 
-    def draw(self) -> None:
+    def draw(self, force: bool = False) -> None:
         now = time.monotonic()
-        if not self.enabled or now - self._last < self.interval:
+        if not self.enabled or (now - self._last < self.interval and not force):
             return
         self._last = now
         lines = [task_line(self.run, t, self.epochs) for t in range(self.k)]

@@ -148,7 +148,7 @@ class Worker:
                 behind = (self.task.epoch - int(counters["epoch"])) // self.cfg.transfer.interval
                 return buf, {"task": j, "finite": transfer.finite(buf), "lineage": counters["lineage"],
                              "rounds_behind": behind}
-        return layout.empty() * 0, {"task": j, "finite": False, "lineage": [j], "missing": True}
+        return np.zeros(layout.size, np.float32), {"task": j, "finite": False, "lineage": [j], "missing": True}
 
     # -- the run -----------------------------------------------------------------------------
     def train(self, stop: StopFlag) -> bool:

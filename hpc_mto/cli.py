@@ -14,7 +14,7 @@ import click
 
 from . import config as config_mod
 from .errors import LaunchError, UserError
-from .launch.slurm import Request
+from .launch import slurm
 from .rundir import RunDir
 from .signals import EXIT_REQUEUE
 
@@ -66,8 +66,8 @@ def default_run_dir(cfg: config_mod.Config) -> Path:
 
 
 def slurm_options(fn):
-    """One option per field of launch.slurm.Request, whose help and default live there."""
-    for f in reversed(dataclasses.fields(Request)):
+    """One option per field of slurm.Request, whose help and default live there."""
+    for f in reversed(dataclasses.fields(slurm.Request)):
         flag, text = f"--{f.name.replace('_', '-')}", f.metadata["help"]
         if isinstance(f.default, bool):
             fn = click.option(flag, is_flag=True, default=None, help=f"SLURM: {text}.")(fn)
@@ -79,7 +79,7 @@ def slurm_options(fn):
 
 
 def given(options: dict) -> dict:
-    return {key: value for key, value in options.items() if value not in (None, False)}
+    return {key: value for key, value in options.items() if value is not None and value is not False}
 
 
 @main.command()
@@ -98,7 +98,7 @@ def launch(config_file, overrides, splits, run_dir, executor, dry_run, wait, pro
     """Start a run: write the run directory, then train the K tasks (here, or on SLURM)."""
     overrides = list(overrides) + ([f"splits={splits}"] if splits is not None else [])
     if (executor or default_executor(slurm_opts["partition"])) == "slurm":
-        req = Request(**given(slurm_opts))
+        req = slurm.Request(**given(slurm_opts))
         # Array jobs share no MPI world: they exchange through files.
         cfg = config_mod.load(config_file, overrides + (["transfer.backend=file"] if req.array else []))
         launch_slurm(RunDir(run_dir or default_run_dir(cfg)), cfg, req, dry_run, wait, progress)
@@ -122,9 +122,7 @@ def default_executor(partition: str | None) -> str:
     return "slurm" if partition and shutil.which("sbatch") else "local"
 
 
-def launch_slurm(run: RunDir, cfg: config_mod.Config, req: Request, dry_run: bool, wait: bool, progress) -> None:
-    from .launch import slurm
-
+def launch_slurm(run: RunDir, cfg: config_mod.Config, req: slurm.Request, dry_run: bool, wait: bool, progress) -> None:
     if dry_run:
         click.echo(f"# dry run: nothing submitted; run directory {run.path} not created", err=True)
         click.echo(slurm.sbatch_script(slurm.plan(cfg, req, run.path), run.path, req, cfg.splits), nl=False)
@@ -135,8 +133,6 @@ def launch_slurm(run: RunDir, cfg: config_mod.Config, req: Request, dry_run: boo
 
 def submitted(run: RunDir, ids: list[str], wait: bool, progress) -> None:
     """Report a SLURM submission; with --wait, follow it to the end like a local run."""
-    from .launch import slurm
-
     click.echo(f"run directory: {run.path}")
     click.echo(f"submitted SLURM job{'s' * (len(ids) > 1)} {', '.join(ids)}")
     if not wait:
@@ -167,7 +163,7 @@ def submitted(run: RunDir, ids: list[str], wait: bool, progress) -> None:
 def resume(run_dir, overrides, wait, progress):
     """Continue a stopped run from the newest checkpoint every task completed (a SLURM run is
     resubmitted with the resources it was launched with)."""
-    from .launch import local, slurm
+    from .launch import local
 
     run = RunDir(run_dir).require()
     if run.finished and not overrides:
@@ -194,7 +190,6 @@ def resume(run_dir, overrides, wait, progress):
 @user_errors
 def status(run_dir):
     """Where a run stands: the SLURM state of its jobs and each task's progress."""
-    from .launch import slurm
     from .launch.progress import task_line
 
     run = RunDir(run_dir).require()
@@ -216,13 +211,11 @@ def status(run_dir):
 @user_errors
 def cancel(run_dir):
     """Cancel a run's SLURM jobs. Every task checkpoints on the way out: hpc-mto resume continues."""
-    from .launch import slurm
-
     run = RunDir(run_dir).require()
     record = slurm.read_jobs(run)
     if record is None:
         raise LaunchError(f"run {run.path} was not launched on SLURM; stop a local run with Ctrl-C")
-    ids = slurm.cancel(run, record)
+    ids = slurm.cancel(record)
     click.echo(f"cancelled SLURM job {', '.join(ids)}" if ids else
                f"nothing to cancel: no job of run {run.path} is pending or running")
 
@@ -243,6 +236,10 @@ def apply_resume_overrides(run: RunDir, overrides) -> None:
         raise UserError(f"run {run.path} already finished; start a new run to train longer")
     write_text(run.config_file, config_mod.dump(new))
 
+
+from .report import report  # noqa: E402  (its own module: the command is defined there)
+
+main.add_command(report)
 
 if __name__ == "__main__":
     main()

@@ -222,11 +222,13 @@ class Worker:
 def run(run_dir: Path, task_index: int | None = None) -> int:
     worker = None
     try:
+        # Handlers first: a signal during start-up (data loading, MPI init) must take the same
+        # every-rank checkpoint path, not submitit's rank-0-only handler.
+        stop = StopFlag(RunDir(run_dir).require().config().checkpoint.signals)
         worker = Worker(run_dir, task_index)
-        stop = StopFlag(worker.cfg.checkpoint.signals)
         worker.restore()
         if not worker.train(stop):
-            worker.log(f"stopped by signal {stop.received}: checkpoint written, exiting for requeue")
+            worker.log(f"stopped by signal {stop.received}: checkpoint written, exiting (status {EXIT_REQUEUE})")
             return EXIT_REQUEUE
         worker.finish()
         return 0

@@ -17,6 +17,7 @@ parameters (so ``resume`` asks for the same) and the job ids of the latest submi
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import re
@@ -160,9 +161,9 @@ def layout(k: int, req: Request, cpus_per_task: int, kinds: list[NodeKind] | Non
                    for kind in kinds)
         if fits < 1:
             biggest = max(kinds, key=lambda kind: (kind.gpus, kind.cpus))
-            raise LaunchError(f"no node of partition {req.partition or '(default)'} fits one task with "
-                              f"{req.gpus_per_task} GPUs and {cpus_per_task} CPUs (largest node: "
-                              f"{biggest.gpus} GPUs, {biggest.cpus} CPUs)")
+            raise LaunchError(f"no node of partition {req.partition or '(default)'} holds one task of "
+                              f"{req.gpus_per_task} GPU and {cpus_per_task} CPU (largest node: "
+                              f"{biggest.gpus} GPU, {biggest.cpus} CPU)")
         per_node = min(k, fits)
         nodes = math.ceil(k / per_node)
     if nodes * per_node < k:
@@ -218,10 +219,10 @@ def checked_parameters(cfg: Config, req: Request, run_path: Path) -> dict:
     try:  # the scheduler's own verdict, without submitting anything
         slurm_command("sbatch", "--test-only", stdin=sbatch_script(params, run_path, req, cfg.splits))
     except LaunchError as exc:
-        shape = f"{cfg.splits} jobs" if req.array else f"{cfg.splits} tasks"
-        raise LaunchError(f"SLURM refuses the request ({shape}, {req.gpus_per_task} GPUs and "
-                          f"{params['cpus_per_task']} CPUs per task, partition "
-                          f"{req.partition or '(default)'}): {str(exc).removeprefix('sbatch failed: ')}") from None
+        shape = f"{cfg.splits} {'jobs' if req.array else 'tasks'} of {req.gpus_per_task} GPU and " \
+                f"{params['cpus_per_task']} CPU each, partition {req.partition or '(default)'}"
+        raise LaunchError(f"SLURM refuses the request ({shape}): {str(exc).removeprefix('sbatch failed: ')}") \
+            from None
     return params
 
 
@@ -239,8 +240,6 @@ def jobs_file(run: RunDir) -> Path:
 
 
 def read_jobs(run: RunDir) -> dict | None:
-    import json
-
     path = jobs_file(run)
     return json.loads(path.read_text()) if path.is_file() else None
 
@@ -248,10 +247,6 @@ def read_jobs(run: RunDir) -> dict | None:
 def write_jobs(run: RunDir, record: dict) -> None:
     run.slurm_dir.mkdir(parents=True, exist_ok=True)
     write_json(jobs_file(run), record)
-
-
-def request_of(record: dict) -> Request:
-    return Request(**record["request"])
 
 
 # -- submission ------------------------------------------------------------------------------------
@@ -269,6 +264,8 @@ class SlurmTask:
         from .. import worker
 
         env = submitit.JobEnvironment()
+        if self.task is None:
+            drop_stale_mpich_segments()
         # A stop signal that lands before the worker installs its handler reaches submitit's: rank 0
         # requeues the job, which restarts from the newest checkpoint; no training is lost.
         code = worker.run(Path(self.run_dir), self.task if self.task is not None else env.global_rank)
@@ -297,6 +294,34 @@ class SlurmTask:
         log(f"requeued job {job_id} (requeue {restarts + 1} of at most {self.max_requeues})")
 
 
+def drop_stale_mpich_segments() -> None:
+    """Remove the MPICH shared-memory files that a killed earlier run of this job step left behind.
+
+    MPICH >= 4 names its node-local segment mpich_{shm,vci}_<FNV-1a of the PMI kvsname>_<node>,
+    and SLURM's kvsname is "<job id>.<step id>": the same again after a requeue. MPICH unlinks the
+    file in MPI_Finalize, so a killed incarnation leaves it, and the next one attaches to stale
+    memory and hangs in MPI_Init. Only files older than the job's start go: a segment that a faster
+    rank of this incarnation just created is never touched. (Other MPIs make no such files.)
+    """
+    job, step = os.environ["SLURM_JOB_ID"], os.environ.get("SLURM_STEP_ID", "0")
+    stale = list(Path("/dev/shm").glob(f"mpich_*_{fnv1a32(f'{job}.{step}'):x}_*"))
+    if not stale:
+        return
+    started = time.mktime(time.strptime(slurm_command("squeue", "-h", "-j", job, "-o", "%S").strip(),
+                                        "%Y-%m-%dT%H:%M:%S"))
+    for path in stale:
+        if path.stat().st_mtime < started:
+            path.unlink(missing_ok=True)
+            log(f"removed {path}, left by a killed earlier run of job {job}")
+
+
+def fnv1a32(text: str) -> int:
+    h = 0x811C9DC5
+    for byte in text.encode():
+        h = ((h ^ byte) * 0x01000193) & 0xFFFFFFFF
+    return h
+
+
 def log(msg: str) -> None:
     print(f"hpc-mto: {msg}", file=sys.stderr, flush=True)
 
@@ -306,7 +331,7 @@ def submit(run: RunDir, record: dict) -> list[str]:
     import submitit
     from submitit.core.utils import FailedJobError
 
-    req, k = request_of(record), run.config().splits
+    req, k = Request(**record["request"]), run.config().splits
     executor = submitit.SlurmExecutor(folder=run.slurm_dir.absolute())
     executor.update_parameters(**record["parameters"])
     path = str(run.path.absolute())
@@ -324,9 +349,9 @@ def submit(run: RunDir, record: dict) -> list[str]:
 
 def start(run: RunDir, cfg: Config, req: Request) -> list[str]:
     """Check the request with SLURM, create the run directory and submit; returns the job ids."""
-    from ..worker import prepare
-
     params = checked_parameters(cfg, req, run.path)
+    from ..worker import prepare  # imports torch: seconds, so only once SLURM has said yes
+
     prepare(run, cfg)
     record = {"mode": "array" if req.array else "gang", "request": dataclasses.asdict(req),
               "parameters": params, "jobs": [], "history": []}
@@ -375,7 +400,7 @@ def state_line(jid: str, s: JobState) -> str:
     return f"job {jid}: {s.state}{again}"
 
 
-def cancel(run: RunDir, record: dict) -> list[str]:
+def cancel(record: dict) -> list[str]:
     """scancel the run's live jobs (every task checkpoints on the TERM); returns the ids cancelled."""
     ids = alive(job_states(record["jobs"]))
     if ids:
@@ -387,21 +412,29 @@ def follow(run: RunDir, ids: list[str], show_progress: bool) -> dict[str, JobSta
     """Show progress until no job of the run is pending or running; return their final states."""
     progress = Progress(run, run.config().splits, show_progress)
     seen: dict[str, JobState] = {}
-    next_poll = 0.0
+    next_poll, left_queue = 0.0, None
     while True:
         progress.draw()
-        # Poll SLURM every few seconds (schedulers dislike tight squeue loops), at once when the
-        # result appears, so the end is reported promptly.
-        if time.monotonic() >= next_poll or run.finished:
+        # Poll SLURM every few seconds (schedulers dislike tight squeue loops), but at once when
+        # the result appears or the jobs have left the queue, so that the end is reported promptly.
+        if time.monotonic() >= next_poll or run.finished or left_queue is not None:
             states = job_states(ids)
             for jid in ids:
                 if states[jid] != seen.get(jid):
                     progress.note(state_line(jid, states[jid]))
             seen = states
             if not alive(states):
-                return states
+                left_queue = left_queue or time.monotonic()
+                # sacct hears of the end a moment after squeue drops the job: wait for its verdict.
+                if all(s.state in FINAL_STATES for s in states.values()) or \
+                        time.monotonic() - left_queue > ACCOUNTING_LAG_S:
+                    return states
             next_poll = time.monotonic() + FOLLOW_POLL_S
         time.sleep(0.5)
 
 
 FOLLOW_POLL_S = 3.0
+ACCOUNTING_LAG_S = 30.0
+# sacct's states of a job that has ended (a requeued job is back in squeue, pending)
+FINAL_STATES = {"COMPLETED", "CANCELLED", "FAILED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "OUT_OF_MEMORY",
+                "BOOT_FAIL", "DEADLINE"}

@@ -1,0 +1,119 @@
+"""The SLURM launcher without a cluster: the sbatch script it generates, the names it lets through,
+and how it derives the job's shape from the request."""
+
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from hpc_mto.cli import main
+from hpc_mto.errors import LaunchError
+from hpc_mto.launch.slurm import NodeKind, Request, executor_parameters, layout, parse_gpus
+
+GOLDEN = Path(__file__).parent / "golden"
+
+
+def cli(*args):
+    return CliRunner().invoke(main, list(map(str, args)))
+
+
+def dry_run(run_dir, *args):
+    result = cli("launch", "--executor", "slurm", "--dry-run", "--run-dir", run_dir, *args)
+    assert result.exit_code == 0, result.output
+    # The golden text must not depend on where the venv or the test's tmp dir are.
+    return result.stdout.replace(str(run_dir.absolute()), "<run_dir>").replace(sys.executable, "<python>")
+
+
+@pytest.mark.parametrize("name, args", [
+    ("gang", ["--partition", "gpu", "--splits", 4, "--tasks-per-node", 2, "--time", 30, "--mem", "8G",
+              "--account", "proj1", "--qos", "normal", "--constraint", "a100&ib"]),
+    ("array", ["--partition", "gpu", "--splits", 3, "--array", "--gpus-per-task", 0, "--cpus-per-task", 2]),
+])
+def test_dry_run_prints_the_golden_sbatch_script_and_writes_nothing(tmp_path, name, args):
+    run_dir = tmp_path / "run"
+    assert dry_run(run_dir, *args) == (GOLDEN / f"sbatch_{name}.txt").read_text()
+    assert not run_dir.exists()
+
+
+@pytest.mark.parametrize("field, value", [
+    ("partition", "gpu;rm -rf ~"), ("partition", "gpu\n#SBATCH --wrap=x"), ("account", "a b"),
+    ("qos", "-normal"), ("constraint", "a100$(id)"), ("mem", "8 G"), ("mpi", "pmi2 --x"),
+])
+def test_values_outside_the_safe_set_never_reach_sbatch(field, value):
+    with pytest.raises(LaunchError, match=f"invalid --{field.replace('_', '-')}"):
+        Request(**{field: value})
+
+
+def test_slurm_expressions_in_the_safe_set_are_accepted():
+    Request(partition="gpu-a100_x.1", account="proj+1", constraint="[rack1|rack2]&ib", mem="16000M")
+
+
+def test_a_bad_value_is_one_line_on_stderr_and_exit_2(tmp_path):
+    result = cli("launch", "--executor", "slurm", "--dry-run", "--partition", "a;b", "--run-dir", tmp_path / "r")
+    assert result.exit_code == 2
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("hpc-mto: error: invalid --partition")
+
+
+def test_slurm_options_are_refused_for_a_local_run(tmp_path):
+    result = cli("launch", "--executor", "local", "--gpus-per-task", 0, "--run-dir", tmp_path / "r")
+    assert result.exit_code == 2 and "--gpus-per-task: only for --executor slurm" in result.stderr
+
+
+def test_slurm_is_the_default_executor_where_sbatch_is_on_path_and_a_partition_is_given(tmp_path, monkeypatch):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text("#!/bin/sh\nexit 1\n")  # only found, never run by a dry run
+    (bin_dir / "sbatch").chmod(0o755)
+    args = ["launch", "--dry-run", "--partition", "gpu", "--nodes", 1, "--run-dir", tmp_path / "r"]
+    monkeypatch.setenv("PATH", str(bin_dir))
+    assert "#SBATCH --partition=gpu" in cli(*args).stdout
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch: a local run, where these options mean nothing
+    assert "--partition, --nodes, --dry-run: only for --executor slurm" in cli(*args).stderr
+
+
+def test_without_sbatch_a_slurm_launch_fails_in_one_line_and_writes_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    result = cli("launch", "--executor", "slurm", "--partition", "gpu", "--run-dir", tmp_path / "r")
+    assert result.exit_code == 2
+    assert result.stderr == "hpc-mto: error: sbatch not found on PATH: no SLURM here (use --executor local)\n"
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("k, kinds, req, expected", [
+    (8, [NodeKind(cpus=64, gpus=4)], Request(), (2, 4)),  # GPUs per node decide
+    (5, [NodeKind(cpus=64, gpus=2)], Request(), (3, 2)),  # the last node is not full: --ntasks says 5
+    (6, [NodeKind(cpus=8, gpus=0)], Request(gpus_per_task=0, cpus_per_task=2), (2, 4)),  # CPUs decide
+    (2, [NodeKind(cpus=8, gpus=2)], Request(), (1, 2)),
+    (4, [NodeKind(cpus=8, gpus=2), NodeKind(cpus=8, gpus=4)], Request(), (1, 4)),  # the largest node kind
+    (8, None, Request(tasks_per_node=3), (3, 3)),
+    (5, None, Request(nodes=2), (2, 3)),
+    (4, None, Request(array=True), (1, 1)),
+])
+def test_layout_fits_the_gang_on_as_few_nodes_as_the_request_allows(k, kinds, req, expected):
+    assert layout(k, req, req.cpus_per_task or 1, kinds) == expected
+
+
+def test_a_task_no_node_can_hold_is_refused_before_submission():
+    with pytest.raises(LaunchError, match="holds one task of 3 GPU.*largest node: 2 GPU"):
+        layout(2, Request(gpus_per_task=3), 1, [NodeKind(cpus=8, gpus=2)])
+    with pytest.raises(LaunchError, match="holds fewer than the 5 tasks"):
+        layout(5, Request(nodes=2, tasks_per_node=2), 1, None)
+
+
+def test_gang_parameters_make_one_mpi_world_of_exactly_k_tasks():
+    p = executor_parameters(Request(partition="gpu"), 5, "hpc-mto-x", 1, [NodeKind(cpus=8, gpus=2)])
+    assert p["additional_parameters"] == {"ntasks": 5} and p["srun_args"] == ["--mpi=pmi2"]
+    assert (p["nodes"], p["ntasks_per_node"], p["gpus_per_task"]) == (3, 2, 1)
+
+
+def test_array_parameters_are_one_single_task_job_per_split():
+    p = executor_parameters(Request(array=True, gpus_per_task=0), 4, "hpc-mto-x", 3, None)
+    assert (p["nodes"], p["ntasks_per_node"], p["cpus_per_task"]) == (1, 1, 3)  # CPUs default to threads
+    assert not {"srun_args", "additional_parameters", "gpus_per_task"} & p.keys()
+
+
+@pytest.mark.parametrize("gres, gpus", [("gpu:2", 2), ("gpu:a100:4(S:0-1)", 4), ("gpu:a:2,gpu:b:1", 3),
+                                        ("(null)", 0), ("mps:100,gpu:1", 1)])
+def test_gpus_per_node_are_read_from_sinfo_gres(gres, gpus):
+    assert parse_gpus(gres) == gpus

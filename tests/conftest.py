@@ -41,5 +41,9 @@ def result(run_dir) -> dict:
 
 
 @pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
+def best_k2(tmp_path_factory):
+    """One finished default run (policy best) with K=2 and 4 epochs, shared by the modules that
+    only read it: a run costs more than most tests."""
+    run_dir = tmp_path_factory.mktemp("best-k2") / "run"
+    run_cli("launch", "--run-dir", run_dir, "--splits", 2, "--set", "train.epochs=4", "--no-progress")
+    return run_dir

@@ -20,16 +20,14 @@ from hpc_mto import report as report_mod
 from hpc_mto.report import report
 from hpc_mto.rundir import read_jsonl
 
-EPOCHS = 3
+EPOCHS = 4  # of the shared run (conftest.best_k2)
 PLOTS = ("val_curves.png", "cv_matrix.png", "transfers.png")
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    """One real finished run (K=2, transfer policy best) shared by the whole module."""
-    path = tmp_path_factory.mktemp("report") / "run"
-    run_cli("launch", "--run-dir", path, "--splits", 2, "--set", f"train.epochs={EPOCHS}", "--no-progress")
-    return path
+def run_dir(best_k2):
+    """One real finished run (K=2, transfer policy best, 4 epochs), shared with other modules."""
+    return best_k2
 
 
 @pytest.fixture(scope="module")

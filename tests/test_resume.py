@@ -47,12 +47,11 @@ def same_model(a: Path, b: Path) -> bool:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """Uninterrupted MPI runs, one per policy."""
-    root = tmp_path_factory.mktemp("reference")
-    for policy in ("best", "average"):
-        launch(root / policy, policy)
-    return root
+def reference(tmp_path_factory, best_k2):
+    """Uninterrupted MPI runs, one per policy (best: the shared default run, the same config)."""
+    average = tmp_path_factory.mktemp("reference") / "average"
+    launch(average, "average")
+    return {"best": best_k2, "average": average}
 
 
 @pytest.fixture(scope="module")
@@ -81,8 +80,8 @@ def test_resumed_run_is_bitwise_identical_to_uninterrupted(policy, reference, in
     newest = [checkpoint.steps(run_dir / "checkpoints", t)[-1] for t in range(2)]
     assert newest == [steps[policy]] * 2
     run_cli("resume", run_dir, "--no-progress")
-    assert outcome(run_dir) == outcome(reference / policy)
-    assert same_model(run_dir, reference / policy)
+    assert outcome(run_dir) == outcome(reference[policy])
+    assert same_model(run_dir, reference[policy])
 
 
 def corrupt(path: Path) -> None:
@@ -108,7 +107,7 @@ def test_damaged_newest_checkpoint_is_reported_and_the_previous_round_used(refer
     proc = run_cli("resume", run_dir, "--no-progress")
     assert f"ignoring checkpoint step {steps['best']}" in proc.stderr
     # Going back a round loses work but not exactness.
-    assert outcome(run_dir) == outcome(reference / "best")
+    assert outcome(run_dir) == outcome(reference["best"])
 
 
 def test_external_signal_to_the_launcher_stops_resumably_and_resume_is_exact(reference, tmp_path):
@@ -125,15 +124,15 @@ def test_external_signal_to_the_launcher_stops_resumably_and_resume_is_exact(ref
     assert proc.returncode == EXIT_REQUEUE, err
     assert not (run_dir / "result.json").exists()
     run_cli("resume", run_dir, "--no-progress")
-    assert outcome(run_dir) == outcome(reference / "best")
+    assert outcome(run_dir) == outcome(reference["best"])
 
 
 @pytest.mark.parametrize("policy", ["best", "average"])
 def test_file_exchange_gives_the_same_bits_as_mpi(policy, reference, tmp_path):
     run_dir = tmp_path / policy
     launch(run_dir, policy, "--set", "transfer.backend=file")
-    assert outcome(run_dir) == outcome(reference / policy)
-    assert same_model(run_dir, reference / policy)
+    assert outcome(run_dir) == outcome(reference[policy])
+    assert same_model(run_dir, reference[policy])
     # Old rounds are cleaned up: at most the last two rounds' files remain.
     rounds = sorted(p.name for p in (run_dir / "exchange").glob("round-*") if any(p.iterdir()))
     assert len(rounds) <= 2, rounds
@@ -170,4 +169,4 @@ def test_signals_during_a_transfer_and_during_a_checkpoint_still_leave_resumable
     assert proc.returncode == EXIT_REQUEUE, proc.stderr
     assert checkpoint.steps(run_dir / "checkpoints", 0)[-1] == 94  # stopped one step after the write
     run_cli("resume", run_dir, "--no-progress")
-    assert outcome(run_dir) == outcome(reference / "best")
+    assert outcome(run_dir) == outcome(reference["best"])

@@ -27,7 +27,9 @@ def final_states(run_dir: Path, k: int) -> list[dict]:
 
 
 @pytest.fixture(scope="module", params=[2, 4])
-def finished_run(request, tmp_path_factory):
+def finished_run(request, tmp_path_factory, best_k2):
+    if request.param == 2:
+        return best_k2, 2
     run_dir = tmp_path_factory.mktemp(f"k{request.param}") / "run"
     run_cli("launch", "--run-dir", run_dir, "--splits", request.param, *QUICK)
     return run_dir, request.param

@@ -14,7 +14,7 @@ import matplotlib.image
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import result, run_cli
+from conftest import result
 
 from hpc_mto import report as report_mod
 from hpc_mto.report import report

@@ -18,6 +18,7 @@ from hpc_mto import checkpoint
 from hpc_mto.rundir import read_jsonl
 from hpc_mto.faults import ENV as INJECT_ENV
 from hpc_mto.signals import EXIT_REQUEUE
+from hpc_mto.worker import STOP_CHECK_STEPS
 
 pytestmark = pytest.mark.mpi
 
@@ -39,6 +40,13 @@ def outcome(run_dir: Path) -> dict:
             "selected": r["selected"], "choices": r["choices"], "ensemble": r["ensemble"],
             "transfers": [p.read_text() for p in sorted((run_dir / "transfers").glob("*.jsonl"))],
             "metrics": metrics}
+
+
+def stop_step(signalled: int, steps_per_epoch: int = 31) -> int:
+    """Where the ranks stop after a signal at ``signalled``: the next agreement point, every
+    STOP_CHECK_STEPS steps or at an epoch end, whichever comes first."""
+    up = lambda n: -(-signalled // n) * n
+    return min(up(STOP_CHECK_STEPS), up(steps_per_epoch))
 
 
 def same_model(a: Path, b: Path) -> bool:
@@ -78,7 +86,7 @@ def test_resumed_run_is_bitwise_identical_to_uninterrupted(policy, reference, in
     subprocess.run(["cp", "-a", str(root / policy), str(run_dir)], check=True)
     # Every task stopped at the same step and checkpointed it.
     newest = [checkpoint.steps(run_dir / "checkpoints", t)[-1] for t in range(2)]
-    assert newest == [steps[policy]] * 2
+    assert newest == [stop_step(steps[policy])] * 2
     run_cli("resume", run_dir, "--no-progress")
     assert outcome(run_dir) == outcome(reference[policy])
     assert same_model(run_dir, reference[policy])
@@ -97,15 +105,16 @@ def test_damaged_newest_checkpoint_is_reported_and_the_previous_round_used(refer
     run_dir = tmp_path / "damaged"
     subprocess.run(["cp", "-a", str(root / "best"), str(run_dir)], check=True)
     ckpts = run_dir / "checkpoints"
-    corrupt(checkpoint.path_for(ckpts, 1, steps["best"]))
-    newest0 = checkpoint.path_for(ckpts, 0, steps["best"])
+    stopped_at = stop_step(steps["best"])
+    corrupt(checkpoint.path_for(ckpts, 1, stopped_at))
+    newest0 = checkpoint.path_for(ckpts, 0, stopped_at)
     os.truncate(newest0, newest0.stat().st_size // 2)
     step, notes = checkpoint.newest_common(ckpts, 2)
-    assert step is not None and step < steps["best"]
+    assert step is not None and step < stopped_at
     assert any("task 1" in n and ("checksum" in n or "unreadable" in n) for n in notes), notes
     assert any("task 0" in n and "unreadable" in n for n in notes), notes
     proc = run_cli("resume", run_dir, "--no-progress")
-    assert f"ignoring checkpoint step {steps['best']}" in proc.stderr
+    assert f"ignoring checkpoint step {stopped_at}" in proc.stderr
     # Going back a round loses work but not exactness.
     assert outcome(run_dir) == outcome(reference["best"])
 
@@ -167,6 +176,6 @@ def test_signals_during_a_transfer_and_during_a_checkpoint_still_leave_resumable
     assert proc.returncode == EXIT_REQUEUE, proc.stderr
     proc = run_cli("resume", run_dir, "--no-progress", env=env, check=False)
     assert proc.returncode == EXIT_REQUEUE, proc.stderr
-    assert checkpoint.steps(run_dir / "checkpoints", 0)[-1] == 94  # stopped one step after the write
+    assert checkpoint.steps(run_dir / "checkpoints", 0)[-1] == stop_step(94)  # the first check after the write
     run_cli("resume", run_dir, "--no-progress")
     assert outcome(run_dir) == outcome(reference["best"])

@@ -94,11 +94,6 @@ class BlockLayout:
                 src = torch.from_numpy(buf[e.offset:e.offset + e.size]).view(e.shape)
                 t.copy_(src.to(t.device, t.dtype))
 
-    def model_slice(self) -> slice:
-        """The part of the buffer holding model entries (they come first)."""
-        n = sum(e.size for e in self.entries if e.name.startswith("model:"))
-        return slice(0, n)
-
     def reset_optimizer_state(self) -> None:
         """Zero the optimizer state of the selected parameters (transfer.optimizer_state=reset)."""
         if self._optimizer is None:

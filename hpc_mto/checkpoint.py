@@ -172,7 +172,6 @@ def read_named(path: Path) -> tuple[dict[str, np.ndarray], dict]:
         for g in f["optimizer"]:
             for key in f["optimizer"][g]:
                 named[f"opt:{g.replace('|', '/')}:{key}"] = f["optimizer"][g][key][()]
-        named.update({f"best:{k.replace('|', '/')}": f["best"][k][()] for k in f["best"]})
         return named, json.loads(f.attrs["counters"])
 
 

@@ -31,11 +31,10 @@ class StopFlag:
 
     def __init__(self, names=("USR2", "TERM")):
         self.received: int | None = None
-        self._previous = {}
         self.first = parse_signal(names[0]) if names else None
         for name in names:
             sig = parse_signal(name)
-            self._previous[sig] = signal.signal(sig, self._handle)
+            signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
         self.received = signum
@@ -48,7 +47,3 @@ class StopFlag:
     @property
     def is_set(self) -> bool:
         return self.received is not None
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)

@@ -107,10 +107,10 @@ class TimedComm:
         self.inner, self.rank, self.size, self.synchronous = inner, inner.rank, inner.size, True
         self.clocks = clocks
 
-    def candidates(self, tag, own, meta, fallback=None):
+    def candidates(self, tag, own, meta):
         with stopwatch(self.clocks, "wait"):
             self.inner.barrier()
-        stream = self.inner.candidates(tag, own, meta, fallback)
+        stream = self.inner.candidates(tag, own, meta)
         while True:
             with stopwatch(self.clocks, "comm"):
                 item = next(stream, None)
@@ -118,17 +118,17 @@ class TimedComm:
                 return
             yield item
 
-    def allreduce_sum(self, tag, buf, meta, fallback=None):
+    def allreduce_sum(self, tag, buf, meta):
         with stopwatch(self.clocks, "wait"):
             self.inner.barrier()
         with stopwatch(self.clocks, "comm"):
-            return self.inner.allreduce_sum(tag, buf, meta, fallback)
+            return self.inner.allreduce_sum(tag, buf, meta)
 
     def any(self, flag):
         with stopwatch(self.clocks, "stop_agreement"):
             return self.inner.any(flag)
 
-    def __getattr__(self, name):  # barrier, allgather, abort: unchanged
+    def __getattr__(self, name):  # barrier, allgather, release, abort: unchanged
         return getattr(self.inner, name)
 
 
@@ -146,7 +146,6 @@ def in_rank(fn, path: Path) -> None:
 def rank_worker(run_dir: Path) -> None:
     """Train one task of a prepared run like hpc_mto.worker does, measuring every transfer round."""
     from hpc_mto import transfer, worker
-    from hpc_mto.blocks import BlockLayout
     from hpc_mto.signals import StopFlag
 
     w = worker.Worker(run_dir)
@@ -166,7 +165,7 @@ def rank_worker(run_dir: Path) -> None:
         reset_peak()
         rss = memory_kib("VmRSS")
         out = real_round(task, *args, **kwargs)
-        layout = BlockLayout(task.model, task.optimizer, w.cfg.transfer.blocks, w.cfg.transfer.optimizer_state == "copy")
+        layout = transfer.layout_of(task, w.cfg.transfer)
         rounds.append({"extra_kib": memory_kib("VmHWM") - rss, "buffer_kib": layout.size * 4 / 1024})
         return out
 
@@ -176,7 +175,7 @@ def rank_worker(run_dir: Path) -> None:
     w.train(StopFlag(w.cfg.checkpoint.signals))
     wall = perf() - t0
     peak.append(memory_kib("VmHWM"))
-    write_json(run_dir / f"bench-rank-{w.k}.json",
+    write_json(run_dir / f"bench-rank-{w.index}.json",
                {"wall_s": wall, "times": w.times, "clocks": clocks, "rounds": rounds, "peak_kib": max(peak)})
 
 
@@ -221,7 +220,7 @@ def bandwidth_row(mib, dtype, op, seconds, copy_seconds, nbytes) -> dict:
 def prepared_run(name: str, overrides: list[str]) -> Path:
     from hpc_mto import config
     from hpc_mto.rundir import RunDir
-    from hpc_mto.worker import prepare
+    from hpc_mto.prepare import prepare
 
     path = SCRATCH / name
     shutil.rmtree(path, ignore_errors=True)
@@ -326,11 +325,11 @@ def timeline(cmd: list[str], env: dict | None = None, watch: Path | None = None)
 
 def first_step(run_dir: Path, watched: dict) -> dict:
     """When training began: the first metrics line's arrival less the time its epoch took."""
-    from hpc_mto.rundir import read_jsonl
+    from hpc_mto.rundir import RunDir
 
-    first = read_jsonl(run_dir / "metrics" / "task-0.jsonl")[0]
+    first = RunDir(run_dir).metrics(0).read()[0]
     ready = next(t for t, line in watched["lines"] if line.startswith("run directory:"))
-    spent = sum(v for key, v in first["times"].items() if key != "checkpoint")
+    spent = sum(v for key, v in first.times.items() if key != "checkpoint")
     return {"run_dir_ready_s": ready, "first_metrics_line_s": watched["watch_first_s"],
             "first_step_s": watched["watch_first_s"] - spent, "wall_s": watched["wall_s"]}
 

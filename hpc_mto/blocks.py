@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .state import MODEL, OPT, entry
+
 # Optimizer state entries that are per-parameter tensors of the parameter's own shape (or a scalar
 # step count): they travel with an adopted block when transfer.optimizer_state is "copy".
 OPT_KEYS = ("momentum_buffer", "exp_avg", "exp_avg_sq", "step")
@@ -30,7 +32,7 @@ def select_names(state: dict[str, torch.Tensor], patterns) -> list[str]:
 
 @dataclass
 class Entry:
-    name: str  # "model:<state key>" or "opt:<param name>:<state key>"
+    name: str  # a state entry (hpc_mto.state): model:<state key> or opt:<param name>:<state key>
     shape: tuple
     offset: int
     size: int
@@ -49,12 +51,12 @@ class BlockLayout:
         offset = 0
         for name in self.model_names:
             t = state[name]
-            self.entries.append(Entry(f"model:{name}", tuple(t.shape), offset, t.numel()))
+            self.entries.append(Entry(entry(MODEL, name), tuple(t.shape), offset, t.numel()))
             offset += t.numel()
         if self.with_optimizer_state:
             for name in self.model_names:
                 for key, t in self._opt_state(name).items():
-                    self.entries.append(Entry(f"opt:{name}:{key}", tuple(t.shape), offset, t.numel()))
+                    self.entries.append(Entry(entry(OPT, name, key), tuple(t.shape), offset, t.numel()))
                     offset += t.numel()
         self.size = offset
 
@@ -89,7 +91,7 @@ class BlockLayout:
     def unpack(self, buf: np.ndarray, model_only: bool = False) -> None:
         with torch.no_grad():
             for e, t in zip(self.entries, self.tensors()):
-                if model_only and not e.name.startswith("model:"):
+                if model_only and not e.name.startswith(MODEL + ":"):
                     continue
                 src = torch.from_numpy(buf[e.offset:e.offset + e.size]).view(e.shape)
                 t.copy_(src.to(t.device, t.dtype))
@@ -103,9 +105,9 @@ class BlockLayout:
                 for t in self._opt_state(name).values():
                     t.zero_()
 
-    def from_named(self, named: dict[str, np.ndarray]) -> np.ndarray:
+    def from_entries(self, arrays: dict[str, np.ndarray]) -> np.ndarray:
         """Pack from arrays keyed by entry name (a peer's checkpoint read from disk)."""
         out = self.empty()
         for e in self.entries:
-            out[e.offset:e.offset + e.size] = np.asarray(named[e.name], np.float32).reshape(-1)
+            out[e.offset:e.offset + e.size] = np.asarray(arrays[e.name], np.float32).reshape(-1)
         return out

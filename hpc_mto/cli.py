@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
+import os
 import shutil
 import sys
-import time
-from pathlib import Path
 
 import click
 
 from . import config as config_mod
+from . import log
 from .errors import LaunchError, UserError
-from .launch import slurm
+from .launch import slurm, slurm_queries, slurm_request
 from .rundir import RunDir
 from .signals import EXIT_REQUEUE
 
@@ -35,18 +34,18 @@ def user_errors(fn):
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="hpc-mto")
-def main():
+@click.option("--log-level", type=click.Choice(log.LEVELS), default=None,
+              help=f"How much the launcher and the tasks log (default info; env {log.ENV}).")
+def main(log_level):
     """Train K copies of a network on K random train/validation splits with knowledge transfer
     between them (Zhang et al., IJCNN 2020), and output the model with the best cross-validation."""
+    if log_level:
+        os.environ[log.ENV] = log_level  # the task processes (mpiexec, SLURM jobs) inherit it
+    log.setup()
 
 
 def summary_line(run: RunDir) -> str:
-    r = json.loads(run.result_file.read_text())
-    sel, ens = r["selected"], r["ensemble"]
-    hold = f", holdout {sel['holdout_acc']:.4f}" if sel.get("holdout_acc") is not None else ""
-    ens_s = f"; ensemble test acc {ens['test_acc']:.4f}" if ens.get("test_acc") is not None else ""
-    return (f"selected {sel['id']} by {r['rule']}: test acc {sel['test_acc']:.4f} "
-            f"(cv mean {sel['cv_mean_acc']:.4f}{hold}){ens_s}; run dir {run.path}")
+    return run.result().summary_line(run.path)
 
 
 def finish_local(run: RunDir, code: int) -> None:
@@ -61,13 +60,9 @@ def finish_local(run: RunDir, code: int) -> None:
     sys.exit(code or 1)
 
 
-def default_run_dir(cfg: config_mod.Config) -> Path:
-    return Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.data.name}-k{cfg.splits}-{cfg.transfer.policy}"
-
-
 def slurm_options(fn):
-    """One option per field of slurm.Request, whose help and default live there."""
-    for f in reversed(dataclasses.fields(slurm.Request)):
+    """One option per field of slurm_request.Request, whose help and default live there."""
+    for f in reversed(dataclasses.fields(slurm_request.Request)):
         flag, text = f"--{f.name.replace('_', '-')}", f.metadata["help"]
         if isinstance(f.default, bool):
             fn = click.option(flag, is_flag=True, default=None, help=f"SLURM: {text}.")(fn)
@@ -98,19 +93,18 @@ def launch(config_file, overrides, splits, run_dir, executor, dry_run, wait, pro
     """Start a run: write the run directory, then train the K tasks (here, or on SLURM)."""
     overrides = list(overrides) + ([f"splits={splits}"] if splits is not None else [])
     if (executor or default_executor(slurm_opts["partition"])) == "slurm":
-        req = slurm.Request(**given(slurm_opts))
-        # Array jobs share no MPI world: they exchange through files.
-        cfg = config_mod.load(config_file, overrides + (["transfer.backend=file"] if req.array else []))
-        launch_slurm(RunDir(run_dir or default_run_dir(cfg)), cfg, req, dry_run, wait, progress)
+        req = slurm_request.Request(**given(slurm_opts))
+        cfg = config_mod.load(config_file, overrides + slurm_request.config_overrides(req))
+        launch_slurm(RunDir(run_dir or RunDir.default_path(cfg)), cfg, req, dry_run, wait, progress)
         return
     stray = [f"--{key.replace('_', '-')}" for key in given({**slurm_opts, "dry_run": dry_run})]
     if stray:
         raise UserError(f"{', '.join(stray)}: only for --executor slurm")
     from .launch import local
-    from .worker import prepare
+    from .prepare import prepare
 
     cfg = config_mod.load(config_file, overrides)
-    run = RunDir(run_dir or default_run_dir(cfg))
+    run = RunDir(run_dir or RunDir.default_path(cfg))
     prepare(run, cfg)
     click.echo(f"run directory: {run.path}")
     with run.lock():
@@ -122,10 +116,12 @@ def default_executor(partition: str | None) -> str:
     return "slurm" if partition and shutil.which("sbatch") else "local"
 
 
-def launch_slurm(run: RunDir, cfg: config_mod.Config, req: slurm.Request, dry_run: bool, wait: bool, progress) -> None:
+def launch_slurm(run: RunDir, cfg: config_mod.Config, req: slurm_request.Request, dry_run: bool, wait: bool,
+                 progress) -> None:
     if dry_run:
         click.echo(f"# dry run: nothing submitted; run directory {run.path} not created", err=True)
-        click.echo(slurm.sbatch_script(slurm.plan(cfg, req, run.path), run.path, req, cfg.splits), nl=False)
+        click.echo(slurm_request.sbatch_script(slurm_request.plan(cfg, req, run.path), run.path, req, cfg.splits),
+                   nl=False)
         return
     ids = slurm.start(run, cfg, req)
     submitted(run, ids, wait, progress)
@@ -170,11 +166,11 @@ def resume(run_dir, overrides, wait, progress):
         click.echo(f"run {run.path} already finished")
         click.echo(summary_line(run))
         return
-    record = slurm.read_jobs(run)
+    record = run.jobs()
     with run.lock():
         if record is not None:
             slurm.refuse_if_live(run, record)  # before touching config.yaml under a running job
-        apply_resume_overrides(run, overrides)
+        run.update_config(list(overrides))
         if record is not None:
             ids = slurm.submit(run, record)
         else:
@@ -193,12 +189,11 @@ def status(run_dir):
     from .launch.progress import task_line
 
     run = RunDir(run_dir).require()
-    record = slurm.read_jobs(run)
+    record = run.jobs()
     if record is not None:
-        params = record["parameters"]
-        click.echo(f"SLURM {record['mode']} run, partition {params.get('partition', '(default)')}")
-        for jid, state in slurm.job_states(record["jobs"]).items():
-            click.echo(slurm.state_line(jid, state))
+        click.echo(f"SLURM {record.mode} run, partition {record.parameters.get('partition', '(default)')}")
+        for jid, state in slurm_queries.job_states(record.jobs).items():
+            click.echo(slurm_queries.state_line(jid, state))
     cfg = run.config()
     for task in range(cfg.splits):
         click.echo(task_line(run, task, cfg.train.epochs))
@@ -212,7 +207,7 @@ def status(run_dir):
 def cancel(run_dir):
     """Cancel a run's SLURM jobs. Every task checkpoints on the way out: hpc-mto resume continues."""
     run = RunDir(run_dir).require()
-    record = slurm.read_jobs(run)
+    record = run.jobs()
     if record is None:
         raise LaunchError(f"run {run.path} was not launched on SLURM; stop a local run with Ctrl-C")
     ids = slurm.cancel(record)
@@ -220,26 +215,21 @@ def cancel(run_dir):
                f"nothing to cancel: no job of run {run.path} is pending or running")
 
 
-def apply_resume_overrides(run: RunDir, overrides) -> None:
-    """Rewrite config.yaml with the overrides, refusing any key that would change finished work."""
-    if not overrides:
-        return
-    from .atomic import write_text
+@main.command("report")
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON (for scripts) instead of tables.")
+@click.option("--tensorboard", is_flag=True,
+              help="Also write RUN_DIR/report/tensorboard/task-<t>/ event files (needs tensorboard installed).")
+@user_errors
+def report_command(run_dirs, as_json, tensorboard):
+    """Summarize a run (finished, running or stopped) and write RUN_DIR/report/ (plots, report.html).
 
-    old = run.config()
-    new = config_mod.build([old.to_dict()] + [config_mod.parse_override(o) for o in overrides])
-    changed = config_mod.resume_diff(old, new)
-    if changed:
-        safe = ", ".join(sorted(config_mod.RESUME_SAFE_KEYS))
-        raise UserError(f"cannot resume with a changed config: {'; '.join(changed)} (keys safe to change: {safe})")
-    if run.finished:
-        raise UserError(f"run {run.path} already finished; start a new run to train longer")
-    write_text(run.config_file, config_mod.dump(new))
+    With several RUN_DIRs, print one comparison table and write no files (except --tensorboard).
+    """
+    from . import report
 
+    click.echo(report.show(run_dirs, as_json, tensorboard))
 
-from .report import report  # noqa: E402  (its own module: the command is defined there)
-
-main.add_command(report)
 
 if __name__ == "__main__":
     main()

@@ -1,81 +1,109 @@
-"""The exchange between the K tasks, behind one interface with three backends.
+"""The exchange between the K tasks: one abstract interface, three backends.
 
 - ``MPIComm``: one MPI world (mpiexec locally, srun --mpi=pmi2 on SLURM). Parameter buffers move
   with buffer-based ``Bcast``/``Allreduce`` on numpy views; only small metadata (scores, flags,
   lineage) uses mpi4py's object calls.
 - ``FileComm``: tasks that share no MPI world (SLURM array jobs) publish HDF5 files under
   ``RUN_DIR/exchange/`` and read their peers'. A peer that does not publish within the timeout is
-  replaced by what the caller's ``fallback`` returns (its newest checkpoint), and marked stale.
+  replaced by what the backend's ``fallback`` supplies (its newest checkpoint), marked stale.
 - ``SoloComm``: a single task in-process (K=1, and unit tests).
 
 Streaming: ``candidates`` yields one peer buffer at a time into a reused array, so the memory a task
-spends on a transfer does not grow with K.
+spends on a transfer does not grow with K. Callers use only the ``Comm`` interface; which backend
+runs is decided once, by ``connect``.
 """
 
 from __future__ import annotations
 
+import abc
 import json
+import logging
 import os
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator, Protocol
 
 import h5py
 import numpy as np
 
 from .atomic import atomic_path, write_json
-from .errors import PeerMissing
+from .errors import PeerMissing, UserError
 
-# fallback(j) -> (buffer, meta) for a peer that never published; meta gets "stale" added.
-Fallback = Callable[[int], tuple[np.ndarray, dict]]
+log = logging.getLogger(__name__)
+
+class Fallback(Protocol):
+    """What stands in for a peer that did not publish in time (file backend)."""
+
+    def covers(self, tag: str) -> bool:
+        """Whether a late peer may be stood in for in this exchange (else it is missing)."""
+
+    def __call__(self, peer: int, tag: str) -> tuple[np.ndarray, dict]:
+        """Blocks and meta standing in for the peer's."""
 
 
-class Comm:
+class Comm(abc.ABC):
     rank: int
     size: int
+    # Whether the tasks move in lockstep (and may rely on each other's checkpoints existing).
+    synchronous: bool = True
 
-    def candidates(self, tag: str, own: np.ndarray, meta: dict,
-                   fallback: Fallback | None = None) -> Iterator[tuple[int, np.ndarray, dict]]:
-        """Every task's buffer and metadata, in task order (the own one included)."""
-        raise NotImplementedError
+    @abc.abstractmethod
+    def candidates(self, tag: str, own: np.ndarray, meta: dict) -> Iterator[tuple[int, np.ndarray, dict]]:
+        """Every task's buffer and metadata, in task order (the own one included). A yielded
+        buffer is valid until the next one is requested."""
 
-    def allreduce_sum(self, tag: str, buf: np.ndarray, meta: dict,
-                      fallback: Fallback | None = None) -> tuple[np.ndarray, list[dict]]:
-        """Element-wise float64 sum over the tasks whose meta says ``finite`` (the others pass
-        zeros), and every task's meta in task order."""
-        raise NotImplementedError
+    @abc.abstractmethod
+    def broadcast(self, tag: str, buf: np.ndarray, meta: dict, root: int) -> dict:
+        """Task ``root``'s buffer into ``buf`` on every task (the same shape everywhere); returns
+        its meta."""
 
+    @abc.abstractmethod
+    def allreduce_sum(self, tag: str, buf: np.ndarray, meta: dict) -> tuple[np.ndarray, list[dict]]:
+        """Element-wise float64 sum of every task's buffer (a task passes zeros to stay out of
+        it), and every task's meta in task order."""
+
+    @abc.abstractmethod
     def allgather(self, tag: str, obj) -> list:
-        """A small JSON-able object from every task, in task order."""
-        raise NotImplementedError
+        """A small JSON-able object from every task, in task order (None for a late peer where the
+        file backend's fallback covers the exchange)."""
 
+    @abc.abstractmethod
     def any(self, flag: bool) -> bool:
         """True on every task if any task passes True (stop agreement)."""
-        return flag
 
+    @abc.abstractmethod
     def barrier(self) -> None:
-        pass
+        """Return once every task has called it."""
 
-    def abort(self, code: int = 1) -> None:
-        os._exit(code)
+    def release(self, tag: str) -> None:
+        """Every peer is done with this exchange: drop what it left behind (files, for the file
+        backend; nothing to do elsewhere)."""
 
-    @property
-    def synchronous(self) -> bool:
-        """Whether the tasks move in lockstep (and may rely on each other's checkpoints existing)."""
-        return True
+    def abort(self, code: int) -> None:
+        """This task failed: end its peers too where they would otherwise wait for it forever
+        (one MPI world); a no-op where tasks are independent jobs."""
 
 
 class SoloComm(Comm):
     rank, size = 0, 1
 
-    def candidates(self, tag, own, meta, fallback=None):
+    def candidates(self, tag, own, meta):
         yield 0, own, meta
 
-    def allreduce_sum(self, tag, buf, meta, fallback=None):
+    def broadcast(self, tag, buf, meta, root):
+        return meta
+
+    def allreduce_sum(self, tag, buf, meta):
         return buf.astype(np.float64), [meta]
 
     def allgather(self, tag, obj):
         return [obj]
+
+    def any(self, flag):
+        return flag
+
+    def barrier(self):
+        pass
 
 
 class MPIComm(Comm):
@@ -88,7 +116,7 @@ class MPIComm(Comm):
         self.size = self.comm.Get_size()
         self._scratch: np.ndarray | None = None
 
-    def candidates(self, tag, own, meta, fallback=None):
+    def candidates(self, tag, own, meta):
         if self._scratch is None or self._scratch.shape != own.shape:
             self._scratch = np.empty_like(own)
         for j in range(self.size):
@@ -96,7 +124,11 @@ class MPIComm(Comm):
             self.comm.Bcast(buf, root=j)
             yield j, buf, self.comm.bcast(meta if j == self.rank else None, root=j)
 
-    def allreduce_sum(self, tag, buf, meta, fallback=None):
+    def broadcast(self, tag, buf, meta, root):
+        self.comm.Bcast(buf, root=root)
+        return self.comm.bcast(meta if root == self.rank else None, root=root)
+
+    def allreduce_sum(self, tag, buf, meta):
         # Summing in float64 makes the result independent of the reduction order MPI picks in
         # practice, so the file backend (which sums in task order) gives the same bits.
         out = np.empty(buf.shape, np.float64)
@@ -114,22 +146,20 @@ class MPIComm(Comm):
     def barrier(self):
         self.comm.Barrier()
 
-    def abort(self, code=1):
-        self.comm.Abort(code)
+    def abort(self, code):
+        if self.size > 1:
+            self.comm.Abort(code)
 
 
 class FileComm(Comm):
     """Exchange through HDF5/JSON files in ``root`` (``RUN_DIR/exchange``) on a shared file system."""
 
     POLL = 0.05
+    synchronous = False
 
-    def __init__(self, root: Path, rank: int, size: int, timeout: float, log=None):
+    def __init__(self, root: Path, rank: int, size: int, timeout: float, fallback: Fallback | None = None):
         self.root, self.rank, self.size, self.timeout = Path(root), rank, size, timeout
-        self.log = log or (lambda msg: None)
-
-    @property
-    def synchronous(self):
-        return False
+        self.fallback = fallback
 
     def _path(self, tag: str, j: int, ext: str = "h5") -> Path:
         return self.root / tag / f"task-{j}.{ext}"
@@ -149,32 +179,38 @@ class FileComm(Comm):
             time.sleep(self.POLL)
         return True
 
-    def _read(self, tag: str, j: int, out: np.ndarray, fallback: Fallback | None) -> dict:
+    def _read(self, tag: str, j: int, out: np.ndarray) -> dict:
         path = self._path(tag, j)
         if self._wait(path):
             with h5py.File(path, "r") as f:
                 f["blocks"].read_direct(out)
                 return json.loads(f.attrs["meta"])
-        if fallback is None:
+        if not (self.fallback and self.fallback.covers(tag)):
             raise PeerMissing(f"task {j} published nothing for {tag} within {self.timeout:.0f}s")
-        buf, meta = fallback(j)
+        buf, meta = self.fallback(j, tag)
         out[...] = buf
-        self.log(f"task {j} did not publish {tag} within {self.timeout:.0f}s: using its checkpoint")
+        log.warning(f"task {j} did not publish {tag} within {self.timeout:.0f}s: using its checkpoint")
         return {**meta, "stale": True}
 
-    def candidates(self, tag, own, meta, fallback=None):
+    def candidates(self, tag, own, meta):
         self.publish(tag, own, meta)
         scratch = np.empty_like(own)
         for j in range(self.size):
             if j == self.rank:
                 yield j, own, meta
             else:
-                yield j, scratch, self._read(tag, j, scratch, fallback)
+                yield j, scratch, self._read(tag, j, scratch)
 
-    def allreduce_sum(self, tag, buf, meta, fallback=None):
+    def broadcast(self, tag, buf, meta, root):
+        if root == self.rank:
+            self.publish(tag, buf, meta)
+            return meta
+        return self._read(tag, root, buf)
+
+    def allreduce_sum(self, tag, buf, meta):
         # Same order (task 0..K-1) and precision as the MPI backend's float64 reduction.
         total, metas = np.zeros(buf.shape, np.float64), []
-        for _, b, m in self.candidates(tag, buf, meta, fallback):
+        for _, b, m in self.candidates(tag, buf, meta):
             if m.get("finite", True):  # a stale peer's checkpoint may be non-finite: skip it
                 total += b
             metas.append(m)
@@ -187,15 +223,41 @@ class FileComm(Comm):
         out = []
         for j in range(self.size):
             p = self._path(tag, j, "json")
-            if not self._wait(p):
+            if self._wait(p):
+                out.append(json.loads(p.read_text()))
+            elif self.fallback and self.fallback.covers(tag):
+                log.warning(f"task {j} did not publish {tag} within {self.timeout:.0f}s: going on without it")
+                out.append(None)  # a late peer has no say in this round
+            else:
                 raise PeerMissing(f"task {j} published nothing for {tag} within {self.timeout:.0f}s")
-            out.append(json.loads(p.read_text()))
         return out
 
-    def cleanup(self, tag: str) -> None:
-        """Remove this task's own files for ``tag`` (peers have read them or fallen back)."""
+    def any(self, flag):
+        return flag  # array jobs stop (and are requeued) each on its own
+
+    def barrier(self):
+        pass  # nothing waits on a peer's checkpoint: each array job resumes from its own
+
+    def release(self, tag):
         for ext in ("h5", "json"):
             self._path(tag, self.rank, ext).unlink(missing_ok=True)
+
+
+def connect(backend: str, splits: int, task: int | None, exchange_dir: Path, peer_timeout: float,
+            fallback: Fallback | None) -> Comm:
+    """The backend a task process uses: files (one process per task, ``task`` given), a single
+    in-process task, or the MPI world it was started in (which must have ``splits`` ranks)."""
+    if backend == "file":
+        if task is None:
+            raise UserError("transfer.backend=file needs --task K (one process per split)")
+        return FileComm(exchange_dir, task, splits, peer_timeout, fallback)
+    if splits == 1 and not mpi_world_size():
+        return SoloComm()
+    comm = MPIComm()
+    if comm.size != splits:
+        raise UserError(f"the MPI world has {comm.size} ranks but the run has splits={splits}: "
+                        f"start it with mpiexec -n {splits}")
+    return comm
 
 
 def mpi_world_size() -> int | None:

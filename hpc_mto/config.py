@@ -11,15 +11,20 @@ import dataclasses
 import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, Callable, get_type_hints
 
 import yaml
 
 from .errors import ConfigError
+from .registry import DATASETS, MODELS
 
 
-def _opt(default, help: str, choices: tuple | None = None):
-    """A config field with its documentation (and allowed values) kept beside the default."""
+def _opt(default, help: str, choices: tuple | Callable[[], tuple] | None = None):
+    """A config field with its documentation (and allowed values) kept beside the default.
+
+    ``choices`` may be a function returning them: the dataset and model names come from their
+    registries, the one place that lists them.
+    """
     meta = {"help": help}
     if choices:
         meta["choices"] = choices
@@ -30,21 +35,21 @@ def _opt(default, help: str, choices: tuple | None = None):
 
 @dataclass
 class DataConfig:
-    name: str = _opt("digits", "dataset", ("digits", "mnist1d", "mnist", "fashion_mnist", "cifar10",
-                                           "cifar100", "npz", "hdf5"))
+    name: str = _opt("digits", "dataset", DATASETS.names)
     data_root: str | None = _opt(None, "directory holding pre-staged torchvision datasets")
     path: str | None = _opt(None, "file for the npz/hdf5 datasets: arrays x, y (optionally x_test, y_test)")
     download: bool = _opt(False, "let torchvision download into data_root when files are missing")
     test_fraction: float = _opt(0.25, "test fraction carved off (seeded) when a dataset has no test split")
-    val_fraction: float = _opt(0.2, "validation fraction of each of the K splits")
-    selection_holdout: float = _opt(0.1, "fraction of the gross training set no task ever touches, "
-                                         "used to score selection candidates (0 disables)")
+    val_fraction: float = _opt(0.2, "validation fraction of each of the K splits (0: every task trains on "
+                                    "the whole pool; needs selection.rule=holdout)")
+    selection_holdout: float = _opt(0.1, "fraction of the gross training set no task ever touches: one half "
+                                         "chooses the output, the other estimates its accuracy (0 disables)")
     stratify: bool = _opt(True, "stratify splits and holdout by class")
 
 
 @dataclass
 class ModelConfig:
-    name: str = _opt("mlp", "network", ("mlp", "cnn1d", "lenet", "resnet18"))
+    name: str = _opt("mlp", "network", MODELS.names)
     width: int = _opt(128, "hidden units (mlp) or channels (cnn1d)")
     depth: int = _opt(2, "hidden layers (mlp)")
     shared_init: bool = _opt(False, "every task starts from the same initial weights (seed only)")
@@ -63,18 +68,31 @@ class TrainConfig:
     threads: int = _opt(1, "torch CPU threads per task (part of the exact-resume contract)")
     device: str = _opt("auto", "device: cuda by local rank when available", ("auto", "cpu", "cuda"))
     eval_batch_size: int = _opt(1024, "batch size for evaluation")
+    swa_epochs: int = _opt(0, "average each task's weights over its last N epochs (SWA; 0: off)")
 
 
 @dataclass
 class TransferConfig:
-    policy: str = _opt("best", "knowledge transfer policy", ("none", "best", "interpolate", "average"))
-    interval: int = _opt(1, "epochs between transfer rounds")
+    policy: str = _opt("distill", "knowledge transfer policy", ("none", "best", "interpolate", "average", "distill"))
+    interval: int = _opt(5, "epochs between transfer rounds")
+    start: int = _opt(0, "first epoch after which a transfer round may run")
     blocks: list = _opt(["*"], "glob patterns of state_dict entries that travel")
-    fitness: str = _opt("val", "set a task scores candidates on", ("val", "train"))
+    fitness: str = _opt("unseen", "samples a task judges a candidate on: 'unseen' by either model's "
+                                  "lineage, its own validation set, or a training probe", ("unseen", "val", "train"))
+    min_samples: int = _opt(100, "fitness 'unseen': a comparison on fewer samples is not made")
     probe_size: int = _opt(512, "size of the fixed training probe when fitness is 'train'")
     min_gain: float = _opt(0.0, "a candidate is adopted when its fitness loss is lower by more than this")
+    adopt_quantile: float = _opt(1.0, "only this fraction of the tasks, the worst by their own fitness, may "
+                                      "adopt in a round (PBT's truncation; 1: all)")
+    keep_lineages: float = _opt(0.5, "a round's adoptions never leave fewer distinct lineages than this "
+                                     "fraction of the tasks (the largest gains go first; 0: no limit)")
+    adopt_lr_factor: float = _opt(1.0, "a task's learning rate is multiplied by this each time it adopts")
     alpha: float = _opt(0.5, "interpolate: fraction of the way towards the adopted candidate")
-    optimizer_state: str = _opt("copy", "optimizer state of adopted blocks", ("copy", "reset", "keep"))
+    optimizer_state: str = _opt("reset", "optimizer state of adopted blocks", ("copy", "reset", "keep"))
+    average_rate: float = _opt(1.0, "average: w <- (1 - rate) * w + rate * mean of the tasks (1: replace)")
+    average_steps: int = _opt(0, "average: every N training steps (gradual, PAPA-style; 0: at each round)")
+    distill_alpha: float = _opt(0.5, "distill: weight of the peers' soft targets in the loss")
+    distill_temperature: float = _opt(4.0, "distill: softmax temperature of the soft targets")
     backend: str = _opt("mpi", "exchange: one MPI world, or HDF5 files on a shared file system",
                         ("mpi", "file"))
     peer_timeout: float = _opt(600.0, "file backend: seconds to wait for a peer before using its "
@@ -83,7 +101,15 @@ class TransferConfig:
 
 @dataclass
 class SelectionConfig:
-    rule: str = _opt("cv_mean", "which score picks the output model", ("cv_mean", "holdout"))
+    rule: str = _opt("cv_mean", "which score picks the single model: the CV-matrix row mean (the paper's "
+                                "rule) or the holdout's selection half", ("cv_mean", "holdout"))
+    output: str = _opt("auto", "what the run outputs: 'auto' picks by the holdout's selection half",
+                       ("auto", "single", "ensemble", "soup", "student"))
+    member: str = _opt("auto", "each task's snapshot in the ensemble and the soup (auto: swa when on, else "
+                               "best, or final without validation)", ("auto", "best", "final", "swa"))
+    distill_output: bool = _opt(False, "after training, distil the K-model ensemble into one student on the pool")
+    student_alpha: float = _opt(1.0, "student: weight of the ensemble's soft targets in its loss")
+    student_temperature: float = _opt(4.0, "student: softmax temperature of the soft targets")
 
 
 @dataclass
@@ -110,7 +136,7 @@ class Config:
         _check_choices(self)
         rules = [
             (self.splits >= 1, "splits must be >= 1"),
-            (0 < self.data.val_fraction < 1, "data.val_fraction must be in (0, 1)"),
+            (0 <= self.data.val_fraction < 1, "data.val_fraction must be in [0, 1)"),
             (0 < self.data.test_fraction < 1, "data.test_fraction must be in (0, 1)"),
             (0 <= self.data.selection_holdout < 1, "data.selection_holdout must be in [0, 1)"),
             (self.model.width >= 1 and self.model.depth >= 1, "model.width and model.depth must be >= 1"),
@@ -125,7 +151,19 @@ class Config:
                                                              "multiplier per split"),
             (all(isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0 for x in self.train.lr_scale),
              "train.lr_scale entries must be numbers > 0"),
+            (self.train.swa_epochs >= 0, "train.swa_epochs must be >= 0"),
             (self.transfer.interval >= 1, "transfer.interval must be >= 1 (epochs)"),
+            (self.transfer.start >= 0, "transfer.start must be >= 0 (epochs)"),
+            (self.transfer.min_samples >= 1, "transfer.min_samples must be >= 1"),
+            (0 < self.transfer.adopt_quantile <= 1, "transfer.adopt_quantile must be in (0, 1]"),
+            (self.transfer.adopt_lr_factor > 0, "transfer.adopt_lr_factor must be > 0"),
+            (0 <= self.transfer.keep_lineages <= 1, "transfer.keep_lineages must be in [0, 1]"),
+            (0 < self.transfer.average_rate <= 1, "transfer.average_rate must be in (0, 1]"),
+            (self.transfer.average_steps >= 0, "transfer.average_steps must be >= 0"),
+            (0 <= self.transfer.distill_alpha <= 1, "transfer.distill_alpha must be in [0, 1]"),
+            (self.transfer.distill_temperature > 0, "transfer.distill_temperature must be > 0"),
+            (0 <= self.selection.student_alpha <= 1, "selection.student_alpha must be in [0, 1]"),
+            (self.selection.student_temperature > 0, "selection.student_temperature must be > 0"),
             (self.transfer.probe_size >= 1, "transfer.probe_size must be >= 1"),
             (0 < self.transfer.alpha <= 1, "transfer.alpha must be in (0, 1]"),
             (self.transfer.min_gain >= 0, "transfer.min_gain must be >= 0"),
@@ -134,7 +172,7 @@ class Config:
              "transfer.blocks must be a non-empty list of glob patterns"),
             (self.checkpoint.keep >= 1, "checkpoint.keep must be >= 1"),
         ]
-        for ok, rule in rules:
+        for ok, rule in rules + self._combination_rules():
             if not ok:
                 raise ConfigError(f"invalid config: {rule}")
         from .signals import parse_signal  # late import: signals imports nothing from config
@@ -144,8 +182,41 @@ class Config:
         return self
 
 
+    def _combination_rules(self) -> list[tuple[bool, str]]:
+        """Rules between keys: what a setting needs from the others."""
+        no_val = self.data.val_fraction == 0
+        judged = self.transfer.policy in ("best", "interpolate")
+        halves = self.data.selection_holdout > 0
+        return [
+            (not (no_val and self.selection.rule == "cv_mean"),
+             "data.val_fraction=0 leaves no validation set for the CV matrix: set selection.rule=holdout"),
+            (not (no_val and judged and self.transfer.fitness != "train"),
+             f"data.val_fraction=0 leaves no validation set to judge transfers on: transfer.policy="
+             f"{self.transfer.policy} needs transfer.fitness=train"),
+            (not (no_val and self.selection.member == "best"),
+             "data.val_fraction=0 leaves no best-validation snapshot: selection.member must not be best"),
+            (not (self.selection.member == "swa" and self.train.swa_epochs == 0),
+             "selection.member=swa needs train.swa_epochs >= 1"),
+            (self.train.swa_epochs <= self.train.epochs, "train.swa_epochs must be <= train.epochs"),
+            (halves or (self.selection.rule != "holdout" and self.selection.output in ("auto", "single", "ensemble")
+                        and not self.selection.distill_output),
+             "data.selection_holdout=0 leaves nothing to choose on: selection.rule=holdout, selection.output "
+             "soup/student and selection.distill_output need a holdout"),
+            (not (self.selection.output == "soup" and not self.model.shared_init),
+             "selection.output=soup needs model.shared_init=true (weights of unrelated networks do not average)"),
+            (not (self.selection.output == "student" and not self.selection.distill_output),
+             "selection.output=student needs selection.distill_output=true"),
+        ]
+
+
 def _sections(obj) -> dict[str, Any]:
     return {f.name: f for f in dataclasses.fields(obj)}
+
+
+def choices(f: dataclasses.Field) -> tuple | None:
+    """The allowed values of a config field, or None when any value of its type goes."""
+    found = f.metadata.get("choices")
+    return found() if callable(found) else found
 
 
 def _check_choices(obj, prefix: str = "") -> None:
@@ -153,8 +224,8 @@ def _check_choices(obj, prefix: str = "") -> None:
         value = getattr(obj, f.name)
         if dataclasses.is_dataclass(value):
             _check_choices(value, f"{prefix}{f.name}.")
-        elif "choices" in f.metadata and value not in f.metadata["choices"]:
-            valid = ", ".join(map(str, f.metadata["choices"]))
+        elif choices(f) is not None and value not in choices(f):
+            valid = ", ".join(map(str, choices(f)))
             raise ConfigError(f"invalid config: {prefix}{f.name}={value!r}; valid: {valid}")
 
 
@@ -312,8 +383,8 @@ def help_table() -> list[tuple[str, Any, str]]:
                 walk(value, f"{prefix}{f.name}.")
             else:
                 text = f.metadata.get("help", "")
-                if "choices" in f.metadata:
-                    text += " (one of: " + ", ".join(map(str, f.metadata["choices"])) + ")"
+                if choices(f) is not None:
+                    text += " (one of: " + ", ".join(map(str, choices(f))) + ")"
                 rows.append((prefix + f.name, value, text))
 
     walk(Config())

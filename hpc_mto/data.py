@@ -1,7 +1,8 @@
-"""Dataset registry. Every dataset is offline: bundled, generated locally, or read from files the
-user staged. A dataset is returned as numpy arrays; the official test split is kept apart, and a
-dataset without one gets a fixed test split carved off here (the same for every run and seed, so
-runs with different seeds are compared on the same test set).
+"""The built-in datasets (their names are listed in ``registry.DATASETS``). Every dataset is offline:
+bundled, generated locally, or read from files the user staged. A dataset is returned as numpy
+arrays; the official test split is kept apart, and a dataset without one gets a fixed test split
+carved off here (the same for every run and seed, so runs with different seeds are compared on the
+same test set).
 """
 
 from __future__ import annotations
@@ -11,12 +12,11 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
-
 import numpy as np
 
 from .config import DataConfig
 from .errors import DataError
+from .registry import DATASETS
 
 # Seed of the carved test split of datasets without an official one: fixed on purpose (see above).
 CARVED_TEST_SEED = 20200701
@@ -50,25 +50,25 @@ def stratified_take(y: np.ndarray, fraction: float, rng: np.random.Generator, st
     return np.sort(np.concatenate(picked))
 
 
-def _carve_test(x, y, fraction, num_classes, name) -> Dataset:
+def _carve_test(x, y, fraction, num_classes) -> Dataset:
     test = stratified_take(y, fraction, np.random.default_rng(CARVED_TEST_SEED))
     keep = np.setdiff1d(np.arange(len(y)), test)
     return Dataset(x[keep], y[keep], x[test], y[test], num_classes, "carved", test)
 
 
-def _digits(cfg: DataConfig) -> Dataset:
+def digits(cfg: DataConfig) -> Dataset:
     from sklearn.datasets import load_digits
 
     d = load_digits()
     x = (d.data.astype(np.float32) / 16.0).reshape(-1, 1, 8, 8)
-    return _carve_test(x, d.target.astype(np.int64), cfg.test_fraction, 10, "digits")
+    return _carve_test(x, d.target.astype(np.int64), cfg.test_fraction, 10)
 
 
 def _cache_dir() -> Path:
     return Path(os.environ.get("HPC_MTO_CACHE", Path.home() / ".cache" / "hpc-mto"))
 
 
-def _mnist1d(cfg: DataConfig) -> Dataset:
+def mnist1d(cfg: DataConfig) -> Dataset:
     # make_dataset builds the data from templates locally (~9 s); get_dataset would try to download
     # and drop a pickle in the working directory. Cache the arrays so K ranks do not each rebuild it.
     from .atomic import atomic_write
@@ -138,7 +138,7 @@ def _read_arrays(cfg: DataConfig) -> dict[str, np.ndarray]:
         raise DataError(f"cannot read {cfg.name} file {path}: {exc}".splitlines()[0]) from None
 
 
-def _user_arrays(cfg: DataConfig) -> Dataset:
+def user_arrays(cfg: DataConfig) -> Dataset:
     arrays = _read_arrays(cfg)
     missing = [k for k in ("x", "y") if k not in arrays]
     if missing:
@@ -176,23 +176,17 @@ def _user_arrays(cfg: DataConfig) -> Dataset:
             raise DataError(f"{cfg.path}: x_test samples have shape {xt.shape[1:]} but x samples "
                             f"have {x.shape[1:]}")
         return Dataset(x, y, xt.reshape(len(xt), *x.shape[1:]), yt, num_classes, "official")
-    return _carve_test(x, y, cfg.test_fraction, num_classes, cfg.name)
+    return _carve_test(x, y, cfg.test_fraction, num_classes)
 
 
-REGISTRY: dict[str, Callable[[DataConfig], Dataset]] = {
-    "digits": _digits,
-    "mnist1d": _mnist1d,
-    "mnist": _torchvision("MNIST", channels_mean_std=False),
-    "fashion_mnist": _torchvision("FashionMNIST", channels_mean_std=False),
-    "cifar10": _torchvision("CIFAR10", channels_mean_std=True),
-    "cifar100": _torchvision("CIFAR100", channels_mean_std=True),
-    "npz": _user_arrays,
-    "hdf5": _user_arrays,
-}
+mnist = _torchvision("MNIST", channels_mean_std=False)
+fashion_mnist = _torchvision("FashionMNIST", channels_mean_std=False)
+cifar10 = _torchvision("CIFAR10", channels_mean_std=True)
+cifar100 = _torchvision("CIFAR100", channels_mean_std=True)
 
 
 def load(cfg: DataConfig) -> Dataset:
-    ds = REGISTRY[cfg.name](cfg)
+    ds = DATASETS.get(cfg.name)(cfg)
     for name, arr in (("inputs", ds.x), ("test inputs", ds.x_test)):
         if not np.all(np.isfinite(arr)):
             bad = int(np.sum(~np.isfinite(arr)))

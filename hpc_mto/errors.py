@@ -31,14 +31,6 @@ class LaunchError(UserError):
     """The cluster or the local MPI launcher cannot run the request."""
 
 
-class TaskFailed(Exception):
-    """A training task ended abnormally; carries the task index so the message can name it."""
-
-    def __init__(self, task: int, message: str):
-        super().__init__(f"task {task}: {message}")
-        self.task = task
-
-
 class PeerMissing(Exception):
     """A peer task published nothing within the timeout where no fallback exists (file backend)."""
 

@@ -1,12 +1,12 @@
-"""Load the selected model of a finished run without unpickling arbitrary code.
+"""Load what a finished run produced without unpickling arbitrary code.
 
-``model.pt`` holds a plain state dict (loaded with ``torch.load(weights_only=True)``, which refuses
-anything but tensors and containers); ``model.json`` says how to rebuild the network.
+``model.pt`` and ``ensemble/member-<t>.pt`` hold plain state dicts (loaded with
+``torch.load(weights_only=True)``, which refuses anything but tensors and containers); ``model.json``
+says how to rebuild the network and which output the run chose.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -14,18 +14,53 @@ import torch
 from . import models
 from .config import ModelConfig
 from .errors import RunDirError
+from .records import ModelInfo
 from .rundir import RunDir
 
 
-def load_selected(run_dir: str | Path) -> torch.nn.Module:
-    run = RunDir(run_dir)
+class Ensemble(torch.nn.Module):
+    """The K-model ensemble: the mean of its members' logits."""
+
+    def __init__(self, members: list[torch.nn.Module]):
+        super().__init__()
+        self.members = torch.nn.ModuleList(members)
+
+    def forward(self, x):
+        return torch.stack([m(x) for m in self.members]).mean(0)
+
+
+def _info(run: RunDir) -> ModelInfo:
     if not run.model_file.is_file() or not run.model_info.is_file():
-        raise RunDirError(f"{run.path} has no selected model (model.pt, model.json): the run has not finished")
-    info = json.loads(run.model_info.read_text())
-    net = models.build(ModelConfig(**info["model"]), tuple(info["input_shape"]), info["num_classes"])
+        raise RunDirError(f"{run.path} has no output model (model.pt, model.json): the run has not finished")
+    return ModelInfo.read(run.model_info)
+
+
+def _network(info: ModelInfo, path: Path) -> torch.nn.Module:
+    net = models.build(ModelConfig(**info.model), tuple(info.input_shape), info.num_classes)
     try:
-        state = torch.load(run.model_file, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise RunDirError(f"{path} is missing: the run directory is incomplete") from None
     except Exception as exc:  # weights_only refuses pickled code: report, never run it
-        raise RunDirError(f"{run.model_file} is not a plain tensor state dict: {str(exc).splitlines()[0]}") from None
+        raise RunDirError(f"{path} is not a plain tensor state dict: {str(exc).splitlines()[0]}") from None
     net.load_state_dict(state)
     return net.eval()
+
+
+def load_selected(run_dir: str | Path) -> torch.nn.Module:
+    """The single network in ``model.pt``: the run's output, or with an ensemble output the best
+    single network (``model.json``'s ``candidate`` says which)."""
+    run = RunDir(run_dir)
+    return _network(_info(run), run.model_file)
+
+
+def load_ensemble(run_dir: str | Path) -> Ensemble:
+    run = RunDir(run_dir)
+    info = _info(run)
+    return Ensemble([_network(info, run.path / member) for member in info.ensemble]).eval()
+
+
+def load_output(run_dir: str | Path) -> torch.nn.Module:
+    """Whatever the run chose as its output (``selection.output``): the ensemble or one network."""
+    run = RunDir(run_dir)
+    return load_ensemble(run_dir) if _info(run).output == "ensemble" else load_selected(run_dir)

@@ -1,21 +1,22 @@
-"""Model registry. Input shape and class count come from the dataset; ``width``/``depth`` from the
-config. ``build`` checks the network accepts the input shape, so a mismatch is a one-line error
-before any training, not a shape error deep inside a forward pass.
+"""The built-in networks (their names are listed in ``registry.MODELS``). Input shape and class count
+come from the dataset; ``width``/``depth`` from the config. ``build`` checks the network accepts the
+input shape, so a mismatch is a one-line error before any training, not a shape error deep inside a
+forward pass.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable
 
 import torch
 from torch import nn
 
 from .config import ModelConfig
 from .errors import DataError
+from .registry import MODELS
 
 
-def _mlp(cfg: ModelConfig, shape, classes) -> nn.Module:
+def mlp(cfg: ModelConfig, shape, classes) -> nn.Module:
     layers: list[nn.Module] = [nn.Flatten()]
     width_in = math.prod(shape)
     for _ in range(cfg.depth):
@@ -45,7 +46,7 @@ class ConvBase1d(nn.Module):
         return self.linear(h.flatten(1))
 
 
-def _lenet(cfg: ModelConfig, shape, classes) -> nn.Module:
+def lenet(cfg: ModelConfig, shape, classes) -> nn.Module:
     if len(shape) != 3:
         raise DataError(f"model lenet takes images of shape (channels, height, width); "
                         f"this dataset has samples of shape {tuple(shape)}")
@@ -62,7 +63,7 @@ def _lenet(cfg: ModelConfig, shape, classes) -> nn.Module:
                          nn.Linear(84, classes))
 
 
-def _resnet18(cfg: ModelConfig, shape, classes) -> nn.Module:
+def resnet18(cfg: ModelConfig, shape, classes) -> nn.Module:
     import torchvision
 
     if len(shape) != 3:
@@ -75,16 +76,12 @@ def _resnet18(cfg: ModelConfig, shape, classes) -> nn.Module:
     return net
 
 
-REGISTRY: dict[str, Callable[[ModelConfig, tuple, int], nn.Module]] = {
-    "mlp": _mlp,
-    "cnn1d": lambda cfg, shape, classes: ConvBase1d(shape, classes, cfg.width),
-    "lenet": _lenet,
-    "resnet18": _resnet18,
-}
+def cnn1d(cfg: ModelConfig, shape, classes) -> nn.Module:
+    return ConvBase1d(shape, classes, cfg.width)
 
 
 def build(cfg: ModelConfig, input_shape: tuple, num_classes: int) -> nn.Module:
-    model = REGISTRY[cfg.name](cfg, tuple(input_shape), num_classes)
+    model = MODELS.get(cfg.name)(cfg, tuple(input_shape), num_classes)
     model.eval()
     with torch.no_grad():
         try:

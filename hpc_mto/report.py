@@ -23,6 +23,7 @@ import numpy as np
 
 from .config import Config
 from .errors import RunDirError
+from .records import MetricsLine, Result, TransferDecision
 from .rundir import RunDir
 
 TIME_KEYS = ("train", "transfer", "eval", "checkpoint")
@@ -35,35 +36,30 @@ class RunData:
     run: RunDir
     name: str
     cfg: Config
-    metrics: list[list[dict]]
-    transfers: list[list[dict]]
-    result: dict | None
+    metrics: list[list[MetricsLine]]
+    transfers: list[list[TransferDecision]]
+    result: Result | None
 
 
 def load(path: str) -> RunData:
     run = RunDir(path).require()
     cfg = run.config()
-    result = None
-    if run.finished:
-        try:
-            result = json.loads(run.result_file.read_text())
-        except json.JSONDecodeError as exc:
-            raise RunDirError(f"{run.result_file} is not valid JSON ({exc})") from None
-    return RunData(run, str(path), cfg, [run.metrics(k).read() for k in range(cfg.splits)],
-                   [run.transfers(k).read() for k in range(cfg.splits)], result)
+    result = run.result() if run.finished else None
+    return RunData(run, str(path), cfg, [run.metrics(t).read() for t in range(cfg.splits)],
+                   [run.transfers(t).read() for t in range(cfg.splits)], result)
 
 
 # -- the summary ------------------------------------------------------------------------------
 def summarize(d: RunData) -> dict:
     return {"run_dir": d.name, "finished": d.result is not None, "progress": progress(d),
             "config": config_summary(d.cfg), "tasks": task_rows(d),
-            "transfer_counts": transfer_counts(d).tolist(), "cv": cv_summary(d.result),
-            "test": test_summary(d.result), "selection": selection_summary(d.result), "timing": timing(d)}
+            "transfer_counts": transfer_counts(d).tolist(), "outcome": outcome_summary(d.result),
+            "outputs": outputs_summary(d.result), "cv": cv_summary(d.result), "test": test_summary(d.result),
+            "selection": selection_summary(d.result), "timing": timing(d)}
 
 
-def epochs_done(metrics: list[dict]) -> int:
-    # Each line closes the epoch whose 0-based index it carries.
-    return metrics[-1]["epoch"] + 1 if metrics else 0
+def epochs_done(metrics: list[MetricsLine]) -> int:
+    return metrics[-1].epochs_done if metrics else 0
 
 
 def progress(d: RunData) -> dict:
@@ -76,75 +72,87 @@ def progress(d: RunData) -> dict:
 def config_summary(cfg: Config) -> dict:
     return {"dataset": cfg.data.name, "model": cfg.model.name, "k": cfg.splits, "policy": cfg.transfer.policy,
             "interval": cfg.transfer.interval, "epochs": cfg.train.epochs, "fitness": cfg.transfer.fitness,
-            "selection_rule": cfg.selection.rule}
-
-
-def sources(record: dict) -> list[int]:
-    """The tasks whose blocks a target adopted in one transfer decision (itself excluded)."""
-    if not record.get("accepted"):
-        return []
-    if "sources" in record:  # `average`: every finite task contributed
-        return [s for s in record["sources"] if s != record["target"]]
-    return [record["source"]]
+            "selection_rule": cfg.selection.rule, "output": cfg.selection.output}
 
 
 def transfer_counts(d: RunData) -> np.ndarray:
     """counts[source][target]: accepted transfers from source into target."""
     k = d.cfg.splits
     counts = np.zeros((k, k), dtype=int)
-    for log in d.transfers:
-        for record in log:
-            for s in sources(record):
-                counts[s, record["target"]] += 1
+    for decisions in d.transfers:
+        for decision in decisions:
+            for source in decision.adopted_from():
+                counts[source, decision.target] += 1
     return counts
 
 
 def task_rows(d: RunData) -> list[dict]:
     given = transfer_counts(d).sum(axis=1)
-    test = {c["id"]: c["test_acc"] for c in d.result["candidates"]} if d.result else {}
+    test = {c.id: c.test_acc for c in d.result.candidates} if d.result else {}
     rows = []
-    for k, metrics in enumerate(d.metrics):
-        val = [m["val_acc"] for m in metrics]
-        rows.append({"task": k, "epochs_done": epochs_done(metrics),
+    for t, metrics in enumerate(d.metrics):
+        val = [m.val_acc for m in metrics if m.val_acc is not None]
+        rows.append({"task": t, "epochs_done": epochs_done(metrics),
                      "val_acc_final": val[-1] if val else None, "val_acc_best": max(val) if val else None,
-                     "test_acc_final": test.get(f"task-{k}/final"), "test_acc_best": test.get(f"task-{k}/best"),
-                     "transfers_accepted": sum(1 for r in d.transfers[k] if r["target"] == k and r["accepted"]),
-                     "transfers_given": int(given[k])})
+                     "test_acc_final": test.get(f"task-{t}/final"), "test_acc_best": test.get(f"task-{t}/best"),
+                     "transfers_accepted": sum(1 for r in d.transfers[t] if r.target == t and r.accepted),
+                     "transfers_given": int(given[t])})
     return rows
 
 
-def cv_summary(result: dict | None) -> dict | None:
+def outcome_summary(result: Result | None) -> dict | None:
+    """What the run outputs and the honest estimate of it: the lead of every report."""
     if result is None:
         return None
-    acc = np.asarray(result["cv_acc"])
-    return {"rows": [c["id"] for c in result["candidates"]], "acc": acc.tolist(),
-            "row_means": acc.mean(axis=1).tolist(), "finite": [c["finite"] for c in result["candidates"]],
-            "selected": result["selected"]["index"]}
+    out = result.outputs[result.output]
+    return {"output": result.output, "id": out.id, "estimate": result.estimate,
+            "estimate_samples": result.estimate_samples, "test_acc": out.test_acc,
+            "cv_mean_acc_optimistic": result.selected.cv_mean_acc if result.output == "single" else None,
+            "lineages_left": result.lineages_left, "disagreement": result.disagreement}
 
 
-def test_summary(result: dict | None) -> dict | None:
+def outputs_summary(result: Result | None) -> dict | None:
     if result is None:
         return None
-    sel = result["selected"]
-    return {"selected_id": sel["id"], "selected": sel["test_acc"], "selected_holdout": sel["holdout_acc"],
-            "mean_single": result["test_acc_mean"], "best_single": result["test_acc_best_single"],
-            "ensemble": result["ensemble"].get("test_acc")}
+    return {kind: {"id": o.id, "members": len(o.members), "select_acc": o.select_acc,
+                   "estimate_acc": o.estimate_acc, "test_acc": o.test_acc, "test_loss": o.test_loss,
+                   "test_ece": o.test_ece} for kind, o in result.outputs.items()}
 
 
-def selection_summary(result: dict | None) -> dict | None:
+def cv_summary(result: Result | None) -> dict | None:
+    if result is None or not result.cv_acc:
+        return None
+    acc = np.asarray(result.cv_acc)
+    return {"rows": [c.id for c in result.candidates], "acc": acc.tolist(),
+            "row_means": acc.mean(axis=1).tolist(), "finite": [c.finite for c in result.candidates],
+            "selected": result.selected.index}
+
+
+def test_summary(result: Result | None) -> dict | None:
     if result is None:
         return None
-    keys = ("id", "cv_mean_acc", "holdout_acc", "test_acc")
-    return {"rule": result["rule"],
-            "choices": {rule: {key: c[key] for key in keys} for rule, c in result["choices"].items()}}
+    sel = result.selected
+    ensemble = result.outputs.get("ensemble")
+    return {"selected_id": sel.id, "selected": sel.test_acc, "selected_estimate": sel.estimate_acc,
+            "mean_single": result.test_acc_mean, "best_single": result.test_acc_best_single,
+            "ensemble": ensemble.test_acc if ensemble else None, "output": result.outputs[result.output].test_acc}
+
+
+def selection_summary(result: Result | None) -> dict | None:
+    if result is None:
+        return None
+    return {"rule": result.rule,
+            "choices": {rule: {"id": c.id, "cv_mean_acc": c.cv_mean_acc, "select_acc": c.select_acc,
+                               "estimate_acc": c.estimate_acc, "test_acc": c.test_acc}
+                        for rule, c in result.choices.items()}}
 
 
 def timing(d: RunData) -> dict:
     """Seconds per activity summed over tasks: final totals, or each task's newest metrics line."""
-    if d.result is not None:
-        source, seconds = "result.json", dict(d.result["timing"]["total"])
+    if d.result is not None and d.result.timing is not None:
+        source, seconds = "result.json", dict(d.result.timing.total)
     else:
-        newest = [m[-1]["times"] for m in d.metrics if m]
+        newest = [m[-1].times for m in d.metrics if m]
         source, seconds = "the newest metrics line of each task", {key: sum(t[key] for t in newest) for key in TIME_KEYS}
     total = sum(seconds.values())
     return {"source": source, "seconds": seconds, "total": total,
@@ -152,12 +160,13 @@ def timing(d: RunData) -> dict:
 
 
 def compare_row(s: dict) -> dict:
-    test = s["test"] or {}
+    test, outcome = s["test"] or {}, s["outcome"] or {}
     return {"run": s["run_dir"], "status": "finished" if s["finished"] else
             f"epoch {s['progress']['epochs_done']}/{s['progress']['epochs']}",
             "dataset": s["config"]["dataset"], "k": s["config"]["k"], "policy": s["config"]["policy"],
-            "selected_test_acc": test.get("selected"), "ensemble_test_acc": test.get("ensemble"),
-            "mean_single_test_acc": test.get("mean_single"), "selected_holdout_acc": test.get("selected_holdout"),
+            "output": outcome.get("output"), "estimate": outcome.get("estimate"),
+            "output_test_acc": outcome.get("test_acc"), "selected_test_acc": test.get("selected"),
+            "ensemble_test_acc": test.get("ensemble"), "mean_single_test_acc": test.get("mean_single"),
             "task_seconds": s["timing"]["total"]}
 
 
@@ -179,13 +188,38 @@ def fmt(x, spec: str = ".4f") -> str:
 
 def run_tables(s: dict) -> list[Table]:
     c = s["config"]
-    tables = [Table("config", ["dataset", "model", "K", "policy", "interval", "epochs", "fitness", "selection rule"],
+    tables = [Table("config", ["dataset", "model", "K", "policy", "interval", "epochs", "fitness", "selection rule",
+                               "output"],
                     [[c["dataset"], c["model"], str(c["k"]), c["policy"], str(c["interval"]), str(c["epochs"]),
-                      c["fitness"], c["selection_rule"]]]),
-              tasks_table(s["tasks"])]
+                      c["fitness"], c["selection_rule"], c["output"]]])]
     if s["finished"]:
-        tables += [cv_table(s["cv"]), test_table(s["test"]), selection_table(s["selection"])]
+        tables += [outcome_table(s["outcome"]), outputs_table(s["outputs"], s["outcome"]["output"])]
+    tables.append(tasks_table(s["tasks"]))
+    if s["finished"]:
+        tables += ([cv_table(s["cv"])] if s["cv"] else []) + [test_table(s["test"]), selection_table(s["selection"])]
     return tables + [time_table(s["timing"])]
+
+
+def outcome_table(o: dict) -> Table:
+    rows = [["output", f"{o['output']} ({o['id']})"],
+            ["estimated accuracy (holdout estimation half)",
+             f"{fmt(o['estimate'])} ({o['estimate_samples']} samples)"],
+            ["test accuracy", fmt(o["test_acc"])],
+            ["lineages left at the end", str(o["lineages_left"])],
+            ["pairwise disagreement of the ensemble's members (test)", fmt(o["disagreement"])]]
+    if o["cv_mean_acc_optimistic"] is not None:
+        rows.insert(2, ["CV-matrix row mean (optimistic: peers trained on it)", fmt(o["cv_mean_acc_optimistic"])])
+    return Table("outcome", ["", "value"], rows,
+                 "the estimate comes from holdout samples that chose nothing: it is the figure to quote")
+
+
+def outputs_table(outputs: dict, chosen: str) -> Table:
+    rows = [["*" if kind == chosen else "", kind, o["id"], str(o["members"]), fmt(o["select_acc"]),
+             fmt(o["estimate_acc"]), fmt(o["test_acc"]), fmt(o["test_loss"]), fmt(o["test_ece"])]
+            for kind, o in outputs.items()]
+    return Table("outputs (chosen by the holdout's selection half)",
+                 ["", "output", "what", "networks", "select acc", "estimate acc", "test acc", "test log-loss",
+                  "test ECE"], rows, "* the run's output (selection.output)")
 
 
 def tasks_table(tasks: list[dict]) -> Table:
@@ -206,15 +240,18 @@ def cv_table(cv: dict) -> Table:
 
 
 def test_table(t: dict) -> Table:
-    rows = [[f"selected ({t['selected_id']})", fmt(t["selected"])], ["mean single model (final weights)", fmt(t["mean_single"])],
-            ["best single model (picked by test: hindsight)", fmt(t["best_single"])], ["ensemble of the K models", fmt(t["ensemble"])]]
+    rows = [["the run's output", fmt(t["output"])], [f"single model ({t['selected_id']})", fmt(t["selected"])],
+            ["mean single model (final weights)", fmt(t["mean_single"])],
+            ["best single model (picked by test: hindsight)", fmt(t["best_single"])],
+            ["ensemble of the K models", fmt(t["ensemble"])]]
     return Table("test accuracy", ["model", "test acc"], rows)
 
 
 def selection_table(sel: dict) -> Table:
-    rows = [["*" if rule == sel["rule"] else "", rule, c["id"], fmt(c["cv_mean_acc"]), fmt(c["holdout_acc"]),
-             fmt(c["test_acc"])] for rule, c in sel["choices"].items()]
-    return Table("selection by each rule", ["", "rule", "model", "cv mean acc", "holdout acc", "test acc"], rows,
+    rows = [["*" if rule == sel["rule"] else "", rule, c["id"], fmt(c["cv_mean_acc"]), fmt(c["select_acc"]),
+             fmt(c["estimate_acc"]), fmt(c["test_acc"])] for rule, c in sel["choices"].items()]
+    return Table("single model chosen by each rule", ["", "rule", "model", "cv mean acc", "select acc",
+                                                      "estimate acc", "test acc"], rows,
                  "* the run's rule (selection.rule)")
 
 
@@ -229,11 +266,11 @@ def time_table(t: dict) -> Table:
 
 
 def compare_table(rows: list[dict]) -> Table:
-    header = ["run", "status", "dataset", "K", "policy", "selected test", "ensemble test", "mean single test",
-              "selected holdout", "task time (s)"]
-    cells = [[r["run"], r["status"], r["dataset"], str(r["k"]), r["policy"], fmt(r["selected_test_acc"]),
-              fmt(r["ensemble_test_acc"]), fmt(r["mean_single_test_acc"]), fmt(r["selected_holdout_acc"]),
-              fmt(r["task_seconds"], ".1f")] for r in rows]
+    header = ["run", "status", "dataset", "K", "policy", "output", "estimate", "output test", "single test",
+              "ensemble test", "mean single test", "task time (s)"]
+    cells = [[r["run"], r["status"], r["dataset"], str(r["k"]), r["policy"], r["output"] or "-", fmt(r["estimate"]),
+              fmt(r["output_test_acc"]), fmt(r["selected_test_acc"]), fmt(r["ensemble_test_acc"]),
+              fmt(r["mean_single_test_acc"]), fmt(r["task_seconds"], ".1f")] for r in rows]
     return Table("comparison (accuracies on each run's test set)", header, cells,
                  "task time: training, transfer, evaluation and checkpoint seconds summed over tasks")
 
@@ -285,34 +322,21 @@ def summary_writer_class():
 def write_tensorboard(d: RunData, writer_class) -> Path:
     root = d.run.report_dir / "tensorboard"
     shutil.rmtree(root, ignore_errors=True)  # rewritten whole: appending would duplicate every point
-    for k, metrics in enumerate(d.metrics):
-        writer = writer_class(log_dir=str(root / f"task-{k}"))
+    for t, metrics in enumerate(d.metrics):
+        writer = writer_class(log_dir=str(root / f"task-{t}"))
         for m in metrics:
             for key in ("val_acc", "val_loss", "train_acc", "train_loss", "lr"):
-                writer.add_scalar(key, m[key], m["epoch"] + 1)
-        for r in d.transfers[k]:
-            writer.add_scalar("transfer_accepted", float(r["accepted"]), r["epoch"])
+                if getattr(m, key) is not None:
+                    writer.add_scalar(key, getattr(m, key), m.epochs_done)
+        for r in d.transfers[t]:
+            writer.add_scalar("transfer_accepted", float(r.accepted), r.epoch)
         writer.close()
     return root
 
 
 # -- the command ------------------------------------------------------------------------------
-@click.command("report")
-@click.argument("run_dirs", nargs=-1, required=True, type=click.Path())
-@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON (for scripts) instead of tables.")
-@click.option("--tensorboard", is_flag=True,
-              help="Also write RUN_DIR/report/tensorboard/task-K/ event files (needs tensorboard installed).")
-def report(run_dirs, as_json, tensorboard):
-    """Summarize a run (finished, running or stopped) and write RUN_DIR/report/ (plots, report.html).
-
-    With several RUN_DIRs, print one comparison table and write no files (except --tensorboard).
-    """
-    from .cli import user_errors  # late: cli imports this module to register the command
-
-    user_errors(_report)(run_dirs, as_json, tensorboard)
-
-
-def _report(run_dirs, as_json: bool, tensorboard: bool) -> None:
+def show(run_dirs, as_json: bool, tensorboard: bool) -> str:
+    """What ``hpc-mto report`` prints (tables, or JSON); writes RUN_DIR/report/ for a single run."""
     runs = [load(p) for p in run_dirs]  # every path checked before anything is written
     summaries = [summarize(d) for d in runs]
     if tensorboard:
@@ -326,9 +350,7 @@ def _report(run_dirs, as_json: bool, tensorboard: bool) -> None:
     else:
         rows = [compare_row(s) for s in summaries]
         out, text = {"runs": rows}, [render_text(compare_table(rows))]
-    click.echo(json.dumps(out, indent=1) if as_json else "\n".join(text))
-
-
+    return json.dumps(out, indent=1) if as_json else "\n".join(text)
 def _tensorboard(runs: list[RunData]) -> None:
     """Event files per run; progress goes to stderr so that --json output stays parseable."""
     writer_class = summary_writer_class()

@@ -25,19 +25,22 @@ def png(fig: Figure) -> bytes:
 
 
 def curves(d) -> bytes:
-    """Validation accuracy per task against epochs completed; a dot where the task adopted a transfer."""
+    """Validation accuracy per task against epochs completed (training accuracy for tasks without a
+    validation set); a dot where the task adopted a transfer."""
     fig = Figure(figsize=(7, 4))
     ax = fig.add_subplot()
-    for k, metrics in enumerate(d.metrics):
-        val = {m["epoch"] + 1: m["val_acc"] for m in metrics}
-        (line,) = ax.plot(list(val), list(val.values()), label=f"task {k}")
+    key = "val_acc" if d.cfg.data.val_fraction > 0 else "train_acc"
+    for t, metrics in enumerate(d.metrics):
+        val = {m.epochs_done: getattr(m, key) for m in metrics}
+        (line,) = ax.plot(list(val), list(val.values()), label=f"task {t}")
         # A transfer at epoch E follows the evaluation of the E-th epoch: mark that point.
-        adopted = [r["epoch"] for r in d.transfers[k] if r["accepted"] and r["epoch"] in val]
+        adopted = [r.epoch for r in d.transfers[t] if r.accepted and r.epoch in val]
         ax.plot(adopted, [val[e] for e in adopted], "o", color=line.get_color())
     if not any(d.metrics):
         ax.text(0.5, 0.5, "no epoch finished yet", ha="center", va="center", transform=ax.transAxes)
     ax.plot([], [], "o", color="gray", label="transfer accepted")
-    ax.set(xlabel="epochs completed", ylabel="validation accuracy", title="validation accuracy per task")
+    what = "validation accuracy" if key == "val_acc" else "training accuracy (no validation sets)"
+    ax.set(xlabel="epochs completed", ylabel=what, title=f"{what} per task")
     ax.legend(fontsize="small")
     ax.grid(alpha=0.3)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))

@@ -3,14 +3,18 @@
     RUN_DIR/
       config.yaml              resolved config (what was actually run)
       splits.h5                split, holdout and test indices; written once, never rewritten
-      checkpoints/task-<k>/    step-<global step>.h5, exact state per task
-      exchange/                file backend: round-<r>/task-<k>.h5 and final-*/
-      metrics/task-<k>.jsonl   one line per epoch per task
-      transfers/task-<k>.jsonl one line per transfer decision, this task being the target
+      checkpoints/task-<t>/    step-<global step>.h5, exact state per task
+      exchange/                file backend: round-<r>/task-<t>.h5 and final-*/
+      metrics/task-<t>.jsonl   one line per epoch per task
+      transfers/task-<t>.jsonl one line per transfer decision, this task being the target
       result.json, result.h5   CV matrix, selection, test scores, timing (written by task 0)
-      model.pt, model.json     the selected model (weights_only-loadable) and how to rebuild it
+      model.pt, model.json     the output network (weights_only-loadable) and how to rebuild it
+      ensemble/member-<t>.pt   each task's network in the K-model ensemble
       slurm/                   submitit logs and job ids
       report/                  what `hpc-mto report` writes
+
+Where each file lives is decided here; what the JSON files hold (and their schema versions) is
+decided in ``records``.
 """
 
 from __future__ import annotations
@@ -23,50 +27,18 @@ from pathlib import Path
 
 from . import config as config_mod
 from .atomic import write_text
-from .errors import RunDirError
-
-
-class JsonlLog:
-    """Append-only JSON lines; its byte position is stored in checkpoints so a resume can cut it
-    back to exactly what the checkpointed state had written."""
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-
-    def append(self, record: dict) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-
-    def position(self) -> int:
-        return self.path.stat().st_size if self.path.exists() else 0
-
-    def truncate(self, position: int) -> None:
-        if self.path.exists():
-            os.truncate(self.path, position)
-
-    def read(self) -> list[dict]:
-        return read_jsonl(self.path)
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    """Lines of a JSONL file; a half-written last line (a task killed mid-write) is skipped."""
-    if not Path(path).exists():
-        return []
-    out = []
-    for line in Path(path).read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return out
+from .errors import ConfigError, RunDirError
+from .records import JobsRecord, MetricsLine, RecordLog, Result, TransferDecision
 
 
 class RunDir:
     def __init__(self, path: str | Path):
         self.path = Path(path)
+
+    @staticmethod
+    def default_path(cfg: config_mod.Config) -> Path:
+        """``runs/<time>-<dataset>-k<K>-<policy>`` under the working directory."""
+        return Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.data.name}-k{cfg.splits}-{cfg.transfer.policy}"
 
     # -- layout ------------------------------------------------------------------------------
     config_file = property(lambda self: self.path / "config.yaml")
@@ -77,19 +49,36 @@ class RunDir:
     result_h5 = property(lambda self: self.path / "result.h5")
     model_file = property(lambda self: self.path / "model.pt")
     model_info = property(lambda self: self.path / "model.json")
+    ensemble_dir = property(lambda self: self.path / "ensemble")
     slurm_dir = property(lambda self: self.path / "slurm")
+    jobs_file = property(lambda self: self.path / "slurm" / "jobs.json")
     report_dir = property(lambda self: self.path / "report")
     lock_file = property(lambda self: self.path / ".lock")
 
-    def metrics(self, task: int) -> JsonlLog:
-        return JsonlLog(self.path / "metrics" / f"task-{task}.jsonl")
+    def member_file(self, task: int) -> Path:
+        """Task ``task``'s network in the K-model ensemble (its ``selection.member`` snapshot)."""
+        return self.ensemble_dir / f"member-{task}.pt"
 
-    def transfers(self, task: int) -> JsonlLog:
-        return JsonlLog(self.path / "transfers" / f"task-{task}.jsonl")
+    def metrics(self, task: int) -> RecordLog[MetricsLine]:
+        return RecordLog(self.path / "metrics" / f"task-{task}.jsonl", MetricsLine)
+
+    def transfers(self, task: int) -> RecordLog[TransferDecision]:
+        return RecordLog(self.path / "transfers" / f"task-{task}.jsonl", TransferDecision)
 
     @property
     def finished(self) -> bool:
         return self.result_file.is_file()
+
+    def result(self) -> Result:
+        return Result.read(self.result_file)
+
+    def jobs(self) -> JobsRecord | None:
+        """The SLURM submission record, or None for a run that was not launched on SLURM."""
+        return JobsRecord.read(self.jobs_file) if self.jobs_file.is_file() else None
+
+    def write_jobs(self, record: JobsRecord) -> None:
+        self.slurm_dir.mkdir(parents=True, exist_ok=True)
+        record.write(self.jobs_file)
 
     # -- creation and checks -----------------------------------------------------------------
     def create(self, cfg: config_mod.Config) -> None:
@@ -109,9 +98,24 @@ class RunDir:
     def config(self) -> config_mod.Config:
         return config_mod.from_dict(config_mod.read_yaml(self.config_file))
 
+    def update_config(self, overrides: list[str]) -> None:
+        """Rewrite config.yaml with ``--set`` overrides on resume, refusing any key that would change
+        finished work (config.RESUME_SAFE_KEYS lists the others)."""
+        if not overrides:
+            return
+        old = self.config()
+        new = config_mod.build([old.to_dict()] + [config_mod.parse_override(o) for o in overrides])
+        changed = config_mod.resume_diff(old, new)
+        if changed:
+            safe = ", ".join(sorted(config_mod.RESUME_SAFE_KEYS))
+            raise ConfigError(f"cannot resume with a changed config: {'; '.join(changed)} (keys safe to change: {safe})")
+        if self.finished:
+            raise RunDirError(f"run {self.path} already finished; start a new run to train longer")
+        write_text(self.config_file, config_mod.dump(new))
+
     # -- one launcher or resume at a time ----------------------------------------------------
-    def lock(self, holder: dict | None = None) -> "RunLock":
-        return RunLock(self.lock_file, holder or {})
+    def lock(self) -> "RunLock":
+        return RunLock(self.lock_file)
 
 
 class RunLock:
@@ -121,9 +125,9 @@ class RunLock:
     host and no longer alive is stale and taken over; one held from another host is reported.
     """
 
-    def __init__(self, path: Path, holder: dict):
+    def __init__(self, path: Path):
         self.path = path
-        self.holder = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time(), **holder}
+        self.holder = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}
 
     def _owner(self) -> dict | None:
         try:

@@ -1,48 +1,312 @@
-"""Knowledge-transfer policies: one round moves selected parameter blocks between the K tasks.
+"""Knowledge transfer between the K tasks: what moves, when, and what each task accepts.
 
-- ``best``: every task's blocks are streamed to every task; task i scores each candidate on its own
-  fitness set and adopts the best one if it lowers its fitness loss by more than ``min_gain``.
+- ``best``: every task's blocks are streamed to every task; task i compares each candidate with its
+  own model and adopts the one with the largest gain in fitness loss, if above ``min_gain``.
 - ``interpolate``: like ``best``, but moves ``alpha`` of the way towards the adopted candidate.
-- ``average``: the mean of the blocks of every finite task (float64 sum); everyone leaves equal.
+- ``average``: the mean of the blocks of every finite task (float64 sum) replaces each task's at a
+  round, or, with ``average_steps``, pulls it gradually every N steps (PAPA):
+  w <- (1 - rate) * w + rate * mean.
+- ``distill``: knowledge as predictions. At a round each task runs its peers' networks over its own
+  training samples and keeps their mean logits; until the next round it trains on
+  (1 - alpha) * CE + alpha * T^2 * KL(teacher || own). No weights are adopted: lineages stay apart.
 - ``none``: no exchange (independent runs; K=1 is conventional training).
 
+What a comparison is judged on (``fitness``): ``unseen`` compares two models only on samples that
+neither has trained on, counting every task in each model's history (the intersection of the
+validation sets of all those tasks), and makes no comparison on fewer than ``min_samples``; ``val``
+(the task's own validation set, most of which its peers trained on) and ``train`` (a probe of its
+training set) are the older, biased rules. With ``adopt_quantile`` < 1 only the worst tasks may
+adopt (PBT's truncation), and ``keep_lineages`` bounds how far a round may shrink the population's
+diversity: adoptions are taken in order of gain while at least that fraction of the K lineages
+(distinct initialisations) remains, so one lucky task cannot take over every other.
+
 A task whose blocks or loss are not finite is never a source, and a candidate is adopted only on a
-finite score. Each round returns one decision record per task for ``transfers/task-<k>.jsonl``.
+finite score. Each round returns one decision record per task for ``transfers/task-<t>.jsonl``.
+The metadata a task sends with its blocks is defined here, and so is what stands in for a late
+peer's blocks on the file exchange (``CheckpointFallback``).
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Callable
+from pathlib import Path
 
 import numpy as np
+import torch
 
+from . import checkpoint
 from .blocks import BlockLayout
 from .comm import Comm
 from .config import TransferConfig
-from .task import Task
+from .records import StalePeer, TransferDecision, finite_or_none
+from .state import MODEL, OPT
+from .task import Arrays, Task, evaluate, model_logits
+
+ROUND_TAG, PULL_TAG = "round-", "average-"
 
 
 def finite(buf: np.ndarray) -> bool:
     return bool(np.isfinite(buf).all())
 
 
-def adopt_decision(own_score: float, scores: dict[int, float], own: int, min_gain: float):
+def choose_source(gains: dict[int, tuple[float, float]], min_gain: float) -> tuple[int | None, float | None]:
     """(source, gain) of the candidate to adopt, or (None, best gain seen). Pure, for tests.
 
-    Adopt the candidate j != own with the lowest finite loss if it beats the own loss by more than
-    ``min_gain``; a task with a non-finite own loss adopts any finite candidate.
+    ``gains[j]`` is (own loss - candidate loss, candidate loss) on the samples they were compared on,
+    finite candidates only. The largest gain wins (ties: the lower loss, then the lower index); it is
+    adopted when above ``min_gain``. A task whose own loss is not finite adopts any finite candidate.
     """
-    pool = {j: s for j, s in scores.items() if j != own and s is not None and math.isfinite(s)}
-    if not pool:
+    if not gains:
         return None, None
-    j = min(pool, key=lambda i: (pool[i], i))
-    gain = own_score - pool[j]
+    j = max(gains, key=lambda i: (gains[i][0], -gains[i][1], -i))
+    gain = gains[j][0]
     return (j, gain) if gain > min_gain else (None, gain)
 
 
-def _apply(task: Task, layout: BlockLayout, buf: np.ndarray, optimizer_state: str) -> None:
-    if optimizer_state == "copy":
+def _merge_lineage(*lineages) -> list[int]:
+    return sorted(set().union(*map(set, lineages)))
+
+
+def keep_lineages(proposals: list[tuple[int, int, float]], lineages: dict[int, list[int]], keep: int,
+                  merged) -> set[int]:
+    """The tasks whose proposed adoption (task, source, gain) goes ahead: in order of gain (ties:
+    lower task), each one that leaves at least ``keep`` distinct lineages (or no fewer than there
+    are). ``merged(own, source)`` is a task's lineage after adopting. Pure: every task computes the
+    same answer from the same proposals."""
+    current = {t: tuple(v) for t, v in lineages.items()}
+    accepted = set()
+    for task, source, _ in sorted(proposals, key=lambda p: (-p[2], p[0])):
+        trial = {**current, task: tuple(merged(lineages[task], lineages[source]))}
+        if len(set(trial.values())) >= min(keep, len(set(current.values()))):
+            current, accepted = trial, accepted | {task}
+    return accepted
+
+
+def layout_of(task: Task, cfg: TransferConfig) -> BlockLayout:
+    """The blocks that travel in a round: every task derives the same layout on its own."""
+    return BlockLayout(task.model, task.optimizer, cfg.blocks, cfg.optimizer_state == "copy")
+
+
+def round_tag(round_index: int) -> str:
+    return f"{ROUND_TAG}{round_index:05d}"
+
+
+def pull_tag(global_step: int) -> str:
+    """The exchange of a gradual-averaging pull after ``global_step``."""
+    return f"{PULL_TAG}{global_step:09d}"
+
+
+# -- what a comparison is judged on -------------------------------------------------------------
+class FixedJudge:
+    """``fitness`` val or train: every comparison on the task's fitness set."""
+
+    minimum = 1
+
+    def __init__(self, samples: Arrays):
+        self._samples = samples
+
+    def samples_for(self, own_history: list[int], candidate_history: list[int]) -> Arrays:
+        return self._samples
+
+
+class UnseenJudge:
+    """``fitness`` unseen: samples neither model has trained on. A model's history is every task whose
+    training set shaped its weights; the samples outside all of those training sets are those in
+    every one of those tasks' validation sets."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, val_sets: list[np.ndarray], device, minimum: int):
+        self.x, self.y, self.val_sets, self.device, self.minimum = x, y, val_sets, device, minimum
+
+    def samples_for(self, own_history: list[int], candidate_history: list[int]) -> Arrays:
+        return self._samples(frozenset(own_history) | frozenset(candidate_history))
+
+    @functools.lru_cache(maxsize=64)
+    def _samples(self, tasks: frozenset) -> Arrays:
+        ids = functools.reduce(np.intersect1d, (self.val_sets[t] for t in sorted(tasks)))
+        return Arrays.of(self.x[ids], self.y[ids], self.device)
+
+
+class Exchange:
+    """One task's side of every transfer: the rounds between epochs and, for gradual averaging, the
+    pull after training steps. Built once per task process."""
+
+    def __init__(self, task: Task, comm: Comm, cfg: TransferConfig, judge: FixedJudge | UnseenJudge):
+        self.task, self.comm, self.cfg, self.judge = task, comm, cfg, judge
+
+    @property
+    def gradual(self) -> bool:
+        return self.cfg.policy == "average" and self.cfg.average_steps > 0
+
+    def round_due(self) -> bool:
+        """Whether a round follows the epoch the task just closed."""
+        epoch, cfg = self.task.epoch, self.cfg
+        return (cfg.policy != "none" and not self.gradual and not self.task.done and epoch >= max(cfg.start, 1)
+                and epoch % cfg.interval == 0)
+
+    def round_index(self) -> int:
+        return self.task.epoch // self.cfg.interval
+
+    def release_round(self, round_index: int) -> None:
+        """Every peer is done with that round: drop its exchanges (blocks, fitness, proposals)."""
+        for suffix in ("", "-fitness", "-proposals"):
+            self.comm.release(round_tag(round_index) + suffix)
+
+    def run_round(self) -> TransferDecision:
+        """One transfer round for this task; returns its decision record."""
+        task, cfg = self.task, self.cfg
+        round_index = self.round_index()
+        head = {"round": round_index, "epoch": task.epoch, "policy": cfg.policy, "target": task.index}
+        tag = round_tag(round_index)
+        if cfg.policy == "distill":
+            return TransferDecision(**head, **self._distill(tag))
+        layout = layout_of(task, cfg)
+        own = layout.pack()
+        meta = {"task": task.index, "finite": finite(own) and math.isfinite(task.last_loss),
+                "lineage": task.lineage, "trained_on": task.trained_on}
+        if cfg.policy == "average":
+            return TransferDecision(**head, **self._average(layout, own, meta, tag, cfg.average_rate,
+                                                            cfg.optimizer_state))
+        return TransferDecision(**head, **self._best(layout, own, meta, tag))
+
+    def after_step(self) -> None:
+        """Gradual averaging: every ``average_steps`` steps (the same global steps on every task)."""
+        task = self.task
+        if not self.gradual or task.global_step % self.cfg.average_steps or task.epoch < self.cfg.start:
+            return
+        layout = BlockLayout(task.model, None, self.cfg.blocks, with_optimizer_state=False)
+        own = layout.pack()
+        meta = {"task": task.index, "finite": finite(own) and math.isfinite(task.last_loss),
+                "lineage": task.lineage, "trained_on": task.trained_on}
+        # Weights only, optimizer state untouched: the pull is small and frequent (PAPA).
+        self._average(layout, own, meta, pull_tag(task.global_step), self.cfg.average_rate, "keep")
+        # Gradual averaging exchanges every few steps: keep only the newest exchanges' files.
+        self.comm.release(pull_tag(task.global_step - 2 * self.cfg.average_steps))
+
+    # -- policies ------------------------------------------------------------------------------
+    def _best(self, layout: BlockLayout, own: np.ndarray, meta: dict, tag: str) -> dict:
+        task, cfg, judge = self.task, self.cfg, self.judge
+        bs = task.cfg.train.eval_batch_size
+        own_samples = judge.samples_for(task.trained_on, task.trained_on)
+        own_score = evaluate(task.model, own_samples, bs)[0] if meta["finite"] else math.inf
+        eligible = self._may_adopt(own_score)
+        k = self.comm.size
+        scores: list[float | None] = [None] * k
+        own_scores: list[float | None] = [None] * k
+        counts = [0] * k
+        gains: dict[int, tuple[float, float]] = {}
+        stale: list[StalePeer] = []
+        lineages: dict[int, list[int]] = {}
+        best_buf, best_meta = layout.empty(), None
+        for j, buf, m in self.comm.candidates(tag, own, meta):
+            lineages[j] = m["lineage"]
+            if m.get("stale"):
+                stale.append(_staleness(j, m))
+            if j == task.index:
+                scores[j], own_scores[j], counts[j] = own_score, own_score, len(own_samples)
+                continue
+            samples = judge.samples_for(task.trained_on, m["trained_on"])
+            counts[j] = len(samples)
+            if not m["finite"] or not finite(buf) or len(samples) < judge.minimum:
+                continue
+            # Both models on the same samples: the own first (the model holds it), then the candidate.
+            own_scores[j] = evaluate(task.model, samples, bs)[0] if meta["finite"] else math.inf
+            layout.unpack(buf, model_only=True)
+            scores[j] = evaluate(task.model, samples, bs)[0]
+            layout.unpack(own, model_only=True)
+            if not math.isfinite(scores[j]):
+                continue
+            gains[j] = (own_scores[j] - scores[j], scores[j])
+            if max(gains, key=lambda i: (gains[i][0], -gains[i][1], -i)) == j:
+                best_buf[...] = buf  # keep only the leading candidate: memory stays constant in K
+                best_meta = m
+        proposed, gain = choose_source(gains, cfg.min_gain)
+        veto = "adopt_quantile" if proposed is not None and not eligible else None
+        if not self._keeps_lineages(proposed if veto is None else None, gain, lineages):
+            veto = "keep_lineages"
+        source = proposed if veto is None else None
+        if source is not None:
+            self._adopt(layout, own, best_buf, best_meta, own_scores[source])
+        return {"source": source, "accepted": source is not None, "own_score": finite_or_none(own_score),
+                "scores": [finite_or_none(s) for s in scores], "own_scores": [finite_or_none(s) for s in own_scores],
+                "samples": counts, "eligible": eligible, "proposed": proposed, "veto": veto,
+                "gain": finite_or_none(gain), "stale": stale, "lineage": task.lineage}
+
+    def _keeps_lineages(self, source: int | None, gain: float | None, lineages: dict[int, list[int]]) -> bool:
+        """Whether this task's adoption of ``source`` (None: it proposes none) goes ahead under
+        ``keep_lineages``. Every task calls it, proposing or not: the proposals are gathered."""
+        if self.cfg.keep_lineages <= 0:
+            return True
+        proposals = self.comm.allgather(round_tag(self.round_index()) + "-proposals",
+                                        None if source is None else [self.task.index, source, gain])
+        keep = math.ceil(self.cfg.keep_lineages * self.comm.size)
+        merged = (lambda own, src: _merge_lineage(own, src)) if self.cfg.policy == "interpolate" else \
+            (lambda own, src: sorted(src))
+        return source is None or self.task.index in keep_lineages([tuple(p) for p in proposals if p], lineages,
+                                                                  keep, merged)
+
+    def _may_adopt(self, own_score: float) -> bool:
+        """PBT's truncation: only the worst ``adopt_quantile`` of the tasks by their own fitness loss."""
+        if self.cfg.adopt_quantile >= 1:
+            return True
+        losses = self.comm.allgather(round_tag(self.round_index()) + "-fitness", finite_or_none(own_score))
+        worst_first = sorted(range(len(losses)), key=lambda t: (-(math.inf if losses[t] is None else losses[t]), t))
+        allowed = worst_first[:max(1, math.ceil(self.cfg.adopt_quantile * len(losses)))]
+        return self.task.index in allowed
+
+    def _adopt(self, layout: BlockLayout, own: np.ndarray, buf: np.ndarray, source: dict, own_score: float) -> None:
+        task, cfg = self.task, self.cfg
+        if cfg.policy == "interpolate" and math.isfinite(own_score):
+            buf = ((1 - cfg.alpha) * own.astype(np.float64) + cfg.alpha * buf).astype(np.float32)
+            task.lineage = _merge_lineage(task.lineage, source["lineage"])
+        else:
+            task.lineage = sorted(source["lineage"])
+        task.trained_on = _merge_lineage(task.trained_on, source["trained_on"])
+        _apply(layout, buf, cfg.optimizer_state)
+        task.adopted += 1
+        task.lr_factor *= cfg.adopt_lr_factor
+
+    def _average(self, layout: BlockLayout, own: np.ndarray, meta: dict, tag: str, rate: float,
+                 optimizer_state: str) -> dict:
+        task = self.task
+        contribution = own if meta["finite"] else np.zeros_like(own)
+        total, metas = self.comm.allreduce_sum(tag, contribution, meta)
+        finite_metas = [m for m in metas if m["finite"]]
+        if finite_metas:
+            mean = total / len(finite_metas)
+            mixed = mean if rate == 1 else (1 - rate) * own.astype(np.float64) + rate * mean
+            _apply(layout, mixed.astype(np.float32), optimizer_state)
+            task.lineage = _merge_lineage(*(m["lineage"] for m in finite_metas))
+            task.trained_on = _merge_lineage(*(m["trained_on"] for m in finite_metas))
+        return {"sources": [m["task"] for m in finite_metas], "accepted": bool(finite_metas),
+                "stale": [_staleness(m["task"], m) for m in metas if m.get("stale")], "lineage": task.lineage}
+
+    def _distill(self, tag: str) -> dict:
+        """The peers' mean logits on this task's training samples become its soft targets."""
+        task = self.task
+        layout = BlockLayout(task.model, None, ["*"], with_optimizer_state=False)
+        own = layout.pack()
+        meta = {"task": task.index, "finite": finite(own) and math.isfinite(task.last_loss)}
+        total, used, stale = None, [], []
+        for j, buf, m in self.comm.candidates(tag, own, meta):
+            if m.get("stale"):
+                stale.append(_staleness(j, m))
+            if j == task.index or not m["finite"] or not finite(buf):
+                continue
+            layout.unpack(buf)
+            logits = model_logits(task.model, task.train.x, task.cfg.train.eval_batch_size).double()
+            if not bool(torch.isfinite(logits).all()):
+                continue
+            total = logits if total is None else total + logits
+            used.append(j)
+        layout.unpack(own)
+        if used:
+            task.teacher = (total / len(used)).float()
+        return {"sources": used, "accepted": bool(used), "stale": stale, "lineage": task.lineage}
+
+
+def _apply(layout: BlockLayout, buf: np.ndarray, optimizer_state: str) -> None:
+    if optimizer_state == "copy" and layout.with_optimizer_state:
         layout.unpack(buf)
     else:
         layout.unpack(buf, model_only=True)
@@ -50,79 +314,43 @@ def _apply(task: Task, layout: BlockLayout, buf: np.ndarray, optimizer_state: st
             layout.reset_optimizer_state()
 
 
-def _merge_lineage(*lineages) -> list[int]:
-    return sorted(set().union(*map(set, lineages)))
+def _staleness(task: int, meta: dict) -> StalePeer:
+    return StalePeer(task, meta.get("rounds_behind"))
 
 
-def run_round(task: Task, comm: Comm, cfg: TransferConfig, round_index: int,
-              peer_fallback: Callable | None = None) -> dict:
-    """One transfer round for this task; returns its decision record.
+class CheckpointFallback:
+    """What stands in for a late peer's blocks in a round (or a gradual pull) on the file exchange:
+    the blocks of its newest intact checkpoint, packed in that exchange's layout (zeros, marked not
+    finite, when it has none). Nothing stands in for the final selection's exchanges: a peer missing
+    there is missing.
 
-    ``peer_fallback(j, layout)`` supplies a late peer's blocks (file backend only).
+    Built with the communicator, before the task exists; ``bind`` gives it the task.
     """
-    layout = BlockLayout(task.model, task.optimizer, cfg.blocks, cfg.optimizer_state == "copy")
-    own = layout.pack()
-    own_finite = finite(own) and math.isfinite(task.last_loss)
-    meta = {"task": task.task, "finite": own_finite, "lineage": task.lineage}
-    tag = f"round-{round_index:05d}"
-    fallback = (lambda j: peer_fallback(j, layout)) if peer_fallback else None
-    record = {"round": round_index, "epoch": task.epoch, "policy": cfg.policy, "target": task.task}
-    if cfg.policy == "average":
-        return record | _average(task, comm, layout, own, meta, tag, cfg, fallback)
-    return record | _best(task, comm, layout, own, meta, tag, cfg, fallback)
 
+    def __init__(self, checkpoints: Path, cfg: TransferConfig):
+        self.checkpoints, self.cfg = checkpoints, cfg
+        self.task: Task | None = None
 
-def _best(task, comm, layout, own, meta, tag, cfg, fallback) -> dict:
-    own_score = task.fitness_loss() if meta["finite"] else math.inf
-    scores: dict[int, float | None] = {}
-    stale: list[int] = []
-    best_buf, best_score, best_lineage = layout.empty(), math.inf, None
-    for j, buf, m in comm.candidates(tag, own, meta, fallback):
-        if m.get("stale"):
-            stale.append(_staleness(j, m))
-        if j == task.task:
-            scores[j] = own_score
-            continue
-        if not m["finite"] or not finite(buf):
-            scores[j] = None
-            continue
-        layout.unpack(buf, model_only=True)
-        scores[j] = task.fitness_loss()
-        if scores[j] < best_score:  # keep only the best candidate: memory stays constant in K
-            best_buf[...] = buf
-            best_score, best_lineage = scores[j], m["lineage"]
-    layout.unpack(own, model_only=True)  # scoring borrowed the model: put the own weights back
-    source, gain = adopt_decision(own_score, scores, task.task, cfg.min_gain)
-    if source is not None:
-        if cfg.policy == "interpolate" and math.isfinite(own_score):
-            mixed = ((1 - cfg.alpha) * own.astype(np.float64) + cfg.alpha * best_buf).astype(np.float32)
-            _apply(task, layout, mixed, cfg.optimizer_state)
-            task.lineage = _merge_lineage(task.lineage, best_lineage)
+    def bind(self, task: Task) -> None:
+        self.task = task
+
+    def covers(self, tag: str) -> bool:
+        return tag.startswith((ROUND_TAG, PULL_TAG)) and self.task is not None
+
+    def __call__(self, peer: int, tag: str) -> tuple[np.ndarray, dict]:
+        if self.cfg.policy == "distill":
+            layout = BlockLayout(self.task.model, None, ["*"], with_optimizer_state=False)
+        elif tag.startswith(PULL_TAG):
+            layout = BlockLayout(self.task.model, None, self.cfg.blocks, with_optimizer_state=False)
         else:
-            _apply(task, layout, best_buf, cfg.optimizer_state)
-            task.lineage = sorted(best_lineage)
-        task.adopted += 1
-    return {"source": source, "accepted": source is not None, "own_score": _json_num(own_score),
-            "scores": [_json_num(scores.get(j)) for j in range(comm.size)],
-            "gain": _json_num(gain), "stale": stale, "lineage": task.lineage}
-
-
-def _average(task, comm, layout, own, meta, tag, cfg, fallback) -> dict:
-    contribution = own if meta["finite"] else np.zeros_like(own)
-    total, metas = comm.allreduce_sum(tag, contribution, meta, fallback)
-    sources = [m["task"] for m in metas if m["finite"]]
-    if sources:
-        _apply(task, layout, (total / len(sources)).astype(np.float32), cfg.optimizer_state)
-        task.lineage = _merge_lineage(*(m["lineage"] for m in metas if m["finite"]))
-    return {"sources": sources, "accepted": bool(sources),
-            "stale": [_staleness(m["task"], m) for m in metas if m.get("stale")], "lineage": task.lineage}
-
-
-def _staleness(task: int, meta: dict) -> dict:
-    """A late peer replaced by its checkpoint: how many rounds behind (None: it has no checkpoint)."""
-    return {"task": task, "rounds_behind": meta.get("rounds_behind")}
-
-
-def _json_num(x):
-    """JSON has no inf/NaN: write them as null so every reader parses the log."""
-    return None if x is None or not math.isfinite(x) else float(x)
+            layout = layout_of(self.task, self.cfg)
+        step = checkpoint.newest_intact(self.checkpoints, peer)
+        if step is None:
+            return np.zeros(layout.size, np.float32), {"task": peer, "finite": False, "lineage": [peer],
+                                                       "trained_on": [peer], "missing": True}
+        state = checkpoint.load(checkpoint.path_for(self.checkpoints, peer, step), kinds=(MODEL, OPT))
+        buf = layout.from_entries(state.arrays)
+        counters = state.meta["counters"]
+        behind = (self.task.epoch - int(counters["epoch"])) // self.cfg.interval
+        return buf, {"task": peer, "finite": finite(buf), "lineage": counters["lineage"],
+                     "trained_on": counters["trained_on"], "rounds_behind": behind}

@@ -10,46 +10,33 @@ Task 0 writes the result; the owner of the selected model writes it.
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import os
 import sys
 import time
-import traceback
 from pathlib import Path
 
 import h5py
 import numpy as np
 import torch
 
-from . import checkpoint, data, select, transfer
+from . import checkpoint, data, log, selection, transfer
 from . import splits as splits_mod
-from .atomic import atomic_path, write_json
-from .blocks import BlockLayout
-from .comm import Comm, FileComm, MPIComm, SoloComm, mpi_world_size
-from .config import Config
-from .errors import DataError, PeerMissing, TaskFailed, UserError
-from .rundir import RunDir
+from .atomic import atomic_path
+from .comm import connect
+from .errors import DataError, PeerMissing, UserError
 from .faults import Faults
+from .records import MetricsLine, ModelInfo, Timing
+from .rundir import RunDir
 from .signals import EXIT_REQUEUE, StopFlag
+from .state import State
 from .task import Arrays, Task
 
+logger = logging.getLogger("hpc_mto.worker")  # not __name__: run as __main__ by `python -m`
 
 # How often (in training steps) the ranks agree on a pending stop signal: one collective each time.
 STOP_CHECK_STEPS = 10
-
-
-def prepare(run: RunDir, cfg: Config) -> None:
-    """Create the run directory: config, data check, splits. Runs once, in the launcher."""
-    ds = data.load(cfg.data)  # before anything is written: a data error leaves no half-made run
-    s = splits_mod.make(ds.y, cfg.splits, cfg.data.val_fraction, cfg.data.selection_holdout, cfg.seed,
-                        cfg.data.stratify, ds.test_index, ds.test_source)
-    from . import models
-
-    models.build(cfg.model, ds.input_shape, ds.num_classes)  # shape errors before any job starts
-    run.create(cfg)
-    splits_mod.write(run.splits_file, s, {"data_fingerprint": data.fingerprint(ds), "seed": cfg.seed,
-                                          "num_classes": ds.num_classes,
-                                          "input_shape": list(ds.input_shape)})
 
 
 def pick_device(name: str) -> torch.device:
@@ -63,60 +50,57 @@ def pick_device(name: str) -> torch.device:
     return torch.device("cuda", local % torch.cuda.device_count())
 
 
-def make_comm(cfg: Config, run: RunDir, task: int | None, log) -> Comm:
-    if cfg.transfer.backend == "file":
-        if task is None:
-            raise UserError("transfer.backend=file needs --task K (one process per split)")
-        return FileComm(run.exchange, task, cfg.splits, cfg.transfer.peer_timeout, log)
-    if cfg.splits == 1 and not mpi_world_size():
-        return SoloComm()
-    comm = MPIComm()
-    if comm.size != cfg.splits:
-        raise UserError(f"the MPI world has {comm.size} ranks but the run has splits={cfg.splits}: "
-                        f"start it with mpiexec -n {cfg.splits}")
-    return comm
-
-
 class Worker:
     def __init__(self, run_dir: Path, task_index: int | None = None):
         self.run = RunDir(run_dir).require()
         self.cfg = cfg = self.run.config()
         torch.set_num_threads(cfg.train.threads)  # part of exactness: thread count changes the bits
-        self.comm = make_comm(cfg, self.run, task_index, self.log)
-        self.k = self.comm.rank
+        fallback = transfer.CheckpointFallback(self.run.checkpoints, cfg.transfer)
+        self.comm = connect(cfg.transfer.backend, cfg.splits, task_index, self.run.exchange,
+                            cfg.transfer.peer_timeout, fallback)
+        self.index = self.comm.rank
+        log.setup(self.index)
         s, attrs = splits_mod.read(self.run.splits_file)
         ds = data.load(cfg.data)
         if data.fingerprint(ds) != attrs["data_fingerprint"]:
             raise DataError(f"the dataset {cfg.data.name} differs from the one this run was started on "
                             "(fingerprint mismatch): a run must continue on the same data")
         dev = pick_device(cfg.train.device)
-        tr, va = s.train[self.k], s.val[self.k]
-        if cfg.transfer.fitness == "val":
-            fit = va
-        else:  # a fixed probe of the task's own training set, drawn once from (seed, task)
-            rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, self.k, 0x9B0BE]))
+        tr, va = s.train[self.index], s.val[self.index]
+        if cfg.transfer.fitness == "train":  # a fixed probe of the task's own training set, from (seed, task)
+            rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, self.index, 0x9B0BE]))
             fit = np.sort(rng.choice(tr, min(cfg.transfer.probe_size, len(tr)), replace=False))
-        self.holdout = Arrays.of(ds.x[s.holdout], ds.y[s.holdout], dev)
-        self.test = Arrays.of(ds.x_test, ds.y_test, dev)
-        self.task = Task(cfg, self.k, Arrays.of(ds.x[tr], ds.y[tr], dev), Arrays.of(ds.x[va], ds.y[va], dev),
-                         Arrays.of(ds.x[fit], ds.y[fit], dev), ds.input_shape, ds.num_classes, dev)
-        self.metrics, self.transfers = self.run.metrics(self.k), self.run.transfers(self.k)
+        else:  # val; unseen judges on intersections of validation sets instead (transfer.UnseenJudge)
+            fit = va
+        # The pool (every sample outside the holdout) is needed at the end only by a student or a soup.
+        pool = np.union1d(tr, va) if cfg.selection.distill_output or cfg.model.shared_init else tr[:0]
+        of = lambda idx: Arrays.of(ds.x[idx], ds.y[idx], dev)
+        self.sets = selection.EvalSets(select=of(s.holdout_select), estimate=of(s.holdout_estimate),
+                                       test=Arrays.of(ds.x_test, ds.y_test, dev), pool=of(pool))
+        self.task = Task(cfg, self.index, of(tr), of(va), of(fit), ds.input_shape, ds.num_classes, dev)
+        fallback.bind(self.task)
+        judge = (transfer.UnseenJudge(ds.x, ds.y, s.val, dev, cfg.transfer.min_samples)
+                 if cfg.transfer.fitness == "unseen" else transfer.FixedJudge(self.task.fitness))
+        self.exchange = transfer.Exchange(self.task, self.comm, cfg.transfer, judge)
+        self.metrics, self.transfers = self.run.metrics(self.index), self.run.transfers(self.index)
         self.fingerprint = attrs["data_fingerprint"]
         self.num_classes = int(attrs["num_classes"])
         self.times = {"train": 0.0, "transfer": 0.0, "eval": 0.0, "checkpoint": 0.0}
 
-    def log(self, msg: str) -> None:
-        print(f"[task {getattr(self, 'k', '?')}] {msg}", file=sys.stderr, flush=True)
-
     # -- checkpoints -------------------------------------------------------------------------
+    def state_dict(self) -> State:
+        """The task's exact state plus this process's bookkeeping: log positions and time spent."""
+        state = self.task.state_dict()
+        state.meta["run"] = {"metrics_pos": self.metrics.position(), "transfers_pos": self.transfers.position(),
+                             "data_fingerprint": self.fingerprint, "times": self.times}
+        return state
+
     def save(self) -> None:
         t0 = time.perf_counter()
-        extra = {"metrics_pos": self.metrics.position(), "transfers_pos": self.transfers.position(),
-                 "data_fingerprint": self.fingerprint, "times": self.times}
-        checkpoint.save(self.run.checkpoints, self.task, extra)
+        checkpoint.save(self.run.checkpoints, self.index, self.task.global_step, self.state_dict())
         # Prune only once every task holds the new checkpoint, so the newest common one survives.
         self.comm.barrier()
-        checkpoint.prune(self.run.checkpoints, self.k, self.cfg.checkpoint.keep)
+        checkpoint.prune(self.run.checkpoints, self.index, self.cfg.checkpoint.keep)
         self.times["checkpoint"] += time.perf_counter() - t0
 
     def restore(self) -> None:
@@ -124,43 +108,32 @@ class Worker:
         if self.comm.synchronous:
             step, notes = checkpoint.newest_common(root, self.comm.size)
         else:  # array jobs resume on their own: each from its own newest intact checkpoint
-            intact = [s for s in checkpoint.steps(root, self.k)
-                      if checkpoint.verify(checkpoint.path_for(root, self.k, s)) is None]
-            step, notes = (max(intact) if intact else None), []
-        if self.k == 0 or not self.comm.synchronous:
+            step, notes = checkpoint.newest_intact(root, self.index), []
+        if self.index == 0 or not self.comm.synchronous:
             for note in notes:
-                self.log(note)
+                logger.warning(note)
         if step is None:
-            if checkpoint.steps(root, self.k):
-                self.log("no intact checkpoint that every task reached: starting from the beginning")
+            if checkpoint.steps(root, self.index):
+                logger.warning("no intact checkpoint that every task reached: starting from the beginning")
             self.metrics.truncate(0)  # nothing trustworthy to continue from: start over
             self.transfers.truncate(0)
             return
-        extra = checkpoint.load(checkpoint.path_for(root, self.k, step), self.task)
-        self.metrics.truncate(extra["metrics_pos"])
-        self.transfers.truncate(extra["transfers_pos"])
-        self.times = extra["times"]
-        self.log(f"resumed at epoch {self.task.epoch} step {self.task.step} (global step {step})")
-
-    def peer_fallback(self, j: int, layout: BlockLayout):
-        """A peer's blocks from its newest intact checkpoint (file backend, peer too late)."""
-        for s in reversed(checkpoint.steps(self.run.checkpoints, j)):
-            path = checkpoint.path_for(self.run.checkpoints, j, s)
-            if checkpoint.verify(path) is None:
-                named, counters = checkpoint.read_named(path)
-                buf = layout.from_named(named)
-                behind = (self.task.epoch - int(counters["epoch"])) // self.cfg.transfer.interval
-                return buf, {"task": j, "finite": transfer.finite(buf), "lineage": counters["lineage"],
-                             "rounds_behind": behind}
-        return np.zeros(layout.size, np.float32), {"task": j, "finite": False, "lineage": [j], "missing": True}
+        state = checkpoint.load(checkpoint.path_for(root, self.index, step))
+        self.task.load_state_dict(state)
+        bookkeeping = state.meta["run"]
+        self.metrics.truncate(bookkeeping["metrics_pos"])
+        self.transfers.truncate(bookkeeping["transfers_pos"])
+        self.times = bookkeeping["times"]
+        logger.info(f"resumed at epoch {self.task.epoch} step {self.task.step} (global step {step})")
 
     # -- the run -----------------------------------------------------------------------------
     def train(self, stop: StopFlag) -> bool:
         """Train to the last epoch; False if stopped by a signal (checkpoint written)."""
         cfg, task = self.cfg, self.task
-        faults = Faults(self.k, stop.send_to_self)
+        faults = Faults(self.index, stop.send_to_self)
 
         def should_stop() -> bool:
+            self.exchange.after_step()
             faults.fire("step", task.global_step)
             # The ranks agree every STOP_CHECK_STEPS steps, at the same global steps on every rank,
             # so they still all stop at one step; agreeing after every step cost up to 46% of the
@@ -177,21 +150,24 @@ class Worker:
                 self.save()
                 return False
             t0 = time.perf_counter()
-            record = task.finish_epoch()
+            scores = task.finish_epoch()
             self.times["eval"] += time.perf_counter() - t0
             is_round = task.epoch % cfg.transfer.interval == 0
-            if is_round and cfg.transfer.policy != "none" and not task.done:
+            adopted = None
+            if self.exchange.round_due():
                 t0 = time.perf_counter()
-                faults.fire("transfer", task.epoch // cfg.transfer.interval)
-                decision = transfer.run_round(task, self.comm, cfg.transfer, task.epoch // cfg.transfer.interval,
-                                              self.peer_fallback)
+                round_index = self.exchange.round_index()
+                faults.fire("transfer", round_index)
+                decision = self.exchange.run_round()
                 self.transfers.append(decision)
                 self.times["transfer"] += time.perf_counter() - t0
-                record["adopted"] = decision["accepted"]
-                self._clean_exchange(task.epoch // cfg.transfer.interval)
-            record.update({"adopted_total": task.adopted, "lineage": task.lineage,
-                           "times": {k: round(v, 4) for k, v in self.times.items()}})
-            self.metrics.append(record)
+                adopted = decision.accepted
+                if round_index >= 2:
+                    # Two rounds back: every live peer has read it by now, or has fallen back to checkpoints.
+                    self.exchange.release_round(round_index - 2)
+            self.metrics.append(MetricsLine(**scores, adopted=adopted, adopted_total=task.adopted,
+                                            lineage=task.lineage,
+                                            times={k: round(v, 4) for k, v in self.times.items()}))
             stopping = self.comm.any(stop.is_set)
             if is_round or task.done or stopping:
                 faults.fire("checkpoint", task.global_step)
@@ -200,35 +176,40 @@ class Worker:
                 return False
         return True
 
-    def _clean_exchange(self, round_index: int) -> None:
-        if isinstance(self.comm, FileComm) and round_index >= 2:
-            # Two rounds back: every live peer has read it by now, or has fallen back to checkpoints.
-            self.comm.cleanup(f"round-{round_index - 2:05d}")
-
-    def finish(self) -> dict:
+    def finish(self) -> None:
         t0 = time.perf_counter()
-        result = select.run(self.task, self.comm, self.holdout, self.test, self.cfg.selection.rule)
+        scored = selection.run(self.task, self.comm, self.sets)
+        _save_state(self.run.member_file(self.index), scored.member)
         self.times["eval"] += time.perf_counter() - t0
+        # Also a barrier: past it every member file is written, so result.json never precedes one.
         times = self.comm.allgather("final-times", self.times)
-        state = select.selected_state(self.task, result)
-        if state is not None:
-            with atomic_path(self.run.model_file) as tmp:
-                torch.save(state, tmp)
-            write_json(self.run.model_info, {"model": self.cfg.model.__dict__, "candidate": result["selected"]["id"],
-                                             "input_shape": list(self.task.train.x.shape[1:]),
-                                             "num_classes": self.num_classes})
-        if self.k == 0:
-            result["timing"] = {"per_task": times,
-                                "total": {key: sum(t[key] for t in times) for key in times[0]}}
-            with atomic_path(self.run.result_h5) as tmp, h5py.File(tmp, "w") as f:
-                f.create_dataset("cv_acc", data=np.asarray(result["cv_acc"]))
-                f.create_dataset("cv_loss", data=np.asarray([[math.inf if x is None else x for x in row]
-                                                             for row in result["cv_loss"]]))
-            write_json(self.run.result_file, result)  # last: its presence means "finished"
-        return result
+        if self.index != 0:
+            return
+        t0 = time.perf_counter()
+        concluded = selection.conclude(self.task, self.sets, scored)
+        times[0]["eval"] += time.perf_counter() - t0
+        result = concluded.result
+        _save_state(self.run.model_file, concluded.network)
+        ModelInfo(model=dict(vars(self.cfg.model)), candidate=concluded.network_id,
+                  input_shape=list(self.task.train.x.shape[1:]), num_classes=self.num_classes, output=result.output,
+                  ensemble=[str(self.run.member_file(t).relative_to(self.run.path)) for t in range(self.cfg.splits)]
+                  ).write(self.run.model_info)
+        result.timing = Timing(per_task=times, total={key: sum(t[key] for t in times) for key in times[0]})
+        with atomic_path(self.run.result_h5) as tmp, h5py.File(tmp, "w") as f:
+            f.create_dataset("cv_acc", data=np.asarray(result.cv_acc))
+            f.create_dataset("cv_loss", data=np.asarray([[math.inf if x is None else x for x in row]
+                                                         for row in result.cv_loss]))
+        result.write(self.run.result_file)  # last: its presence means "finished"
+
+
+def _save_state(path: Path, state: dict[str, torch.Tensor]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
 
 
 def run(run_dir: Path, task_index: int | None = None) -> int:
+    log.setup(task_index)
     worker = None
     try:
         # Handlers first: a signal during start-up (data loading, MPI init) must take the same
@@ -237,24 +218,19 @@ def run(run_dir: Path, task_index: int | None = None) -> int:
         worker = Worker(run_dir, task_index)
         worker.restore()
         if not worker.train(stop):
-            worker.log(f"stopped by signal {stop.received}: checkpoint written, exiting (status {EXIT_REQUEUE})")
+            logger.info(f"stopped by signal {stop.received}: checkpoint written, exiting (status {EXIT_REQUEUE})")
             return EXIT_REQUEUE
         worker.finish()
         return 0
     except (UserError, PeerMissing) as exc:
-        print(f"hpc-mto: task {task_index if worker is None else worker.k}: {exc}"
-              + ("; resume the run once that task is back" if isinstance(exc, PeerMissing) else ""),
-              file=sys.stderr, flush=True)
+        logger.error(f"{exc}" + ("; resume the run once that task is back" if isinstance(exc, PeerMissing) else ""))
         code = exc.exit_code
     except Exception as exc:
-        who = task_index if worker is None else worker.k
-        traceback.print_exc()
-        print(f"hpc-mto: {TaskFailed(who if who is not None else -1, f'{type(exc).__name__}: {exc}')}",
-              file=sys.stderr, flush=True)
+        logger.exception(f"{type(exc).__name__}: {exc}")
         code = 1
     # One failed rank must end the whole MPI job promptly instead of leaving its peers blocked in a
     # collective forever.
-    if worker is not None and isinstance(worker.comm, MPIComm) and worker.comm.size > 1:
+    if worker is not None:
         worker.comm.abort(code)
     return code
 

@@ -1,10 +1,7 @@
-import math
-
 import numpy as np
 import torch
 
 from hpc_mto.blocks import BlockLayout, select_names
-from hpc_mto.transfer import adopt_decision
 
 
 def _net():
@@ -39,16 +36,3 @@ def test_pack_unpack_round_trip_moves_exactly_the_selected_entries():
     assert all(torch.count_nonzero(v) == 0 for k, v in opt.state[net[0].weight].items())
     layout.unpack(buf)
     assert torch.equal(net.state_dict()["0.weight"], before["0.weight"])
-
-
-def test_adopts_the_best_candidate_only_above_min_gain():
-    scores = {0: 1.0, 1: 0.7, 2: 0.5, 3: 0.9}
-    assert adopt_decision(1.0, scores, own=0, min_gain=0.0) == (2, 0.5)
-    assert adopt_decision(1.0, scores, own=0, min_gain=0.5)[0] is None  # gain 0.5 is not > 0.5
-    assert adopt_decision(1.0, scores, own=0, min_gain=0.49)[0] == 2
-    assert adopt_decision(0.4, scores, own=0, min_gain=0.0)[0] is None  # nobody beats the own score
-
-
-def test_non_finite_candidates_are_never_adopted_and_non_finite_tasks_adopt_finite_ones():
-    assert adopt_decision(1.0, {0: 1.0, 1: math.inf, 2: None}, own=0, min_gain=0.0) == (None, None)
-    assert adopt_decision(math.inf, {0: math.inf, 1: 3.0, 2: None}, own=0, min_gain=0.0)[0] == 1

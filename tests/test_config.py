@@ -35,17 +35,22 @@ def test_unknown_key_lists_valid_keys_and_suggests_the_close_one():
 
 @pytest.mark.parametrize("override, rule", [
     ("splits=0", "splits must be >= 1"),
-    ("data.val_fraction=1.5", "val_fraction must be in (0, 1)"),
-    ("data.val_fraction=0", "val_fraction must be in (0, 1)"),
+    ("data.val_fraction=1.5", "val_fraction must be in [0, 1)"),
+    ("data.val_fraction=0", "no validation set for the CV matrix: set selection.rule=holdout"),
+    ("data.val_fraction=0 selection.rule=holdout transfer.policy=best", "policy=best needs transfer.fitness=train"),
+    ("selection.member=swa", "selection.member=swa needs train.swa_epochs >= 1"),
+    ("selection.output=soup", "needs model.shared_init=true"),
+    ("data.selection_holdout=0 selection.rule=holdout", "leaves nothing to choose on"),
+    ("transfer.adopt_quantile=0", "adopt_quantile must be in (0, 1]"),
     ("transfer.interval=0", "interval must be >= 1"),
     ("train.lr=-0.1", "lr must be > 0"),
-    ("transfer.policy=greedy", "valid: none, best, interpolate, average"),
+    ("transfer.policy=greedy", "valid: none, best, interpolate, average, distill"),
     ("train.epochs=ten", "train.epochs must be int"),
     ("checkpoint.signals=[USR9]", "unknown signal"),
 ])
 def test_invalid_values_state_the_rule(override, rule):
     with pytest.raises(ConfigError) as e:
-        config.load(None, [override])
+        config.load(None, override.split())
     assert rule in str(e.value)
 
 

@@ -5,8 +5,6 @@ import json
 import os
 import pickle
 import re
-import resource
-import signal
 import subprocess
 import sys
 import time
@@ -17,14 +15,14 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from conftest import HPC_MTO, result, run_cli
+from conftest import HPC_MTO, read_jsonl, result, run_cli
 from hpc_mto import checkpoint
 from hpc_mto.cli import main
 from hpc_mto.errors import RunDirError
 from hpc_mto.faults import ENV as INJECT_ENV
 from hpc_mto.model_io import load_selected
-from hpc_mto.rundir import RunLock, read_jsonl
-from hpc_mto.worker import prepare
+from hpc_mto.prepare import prepare
+from hpc_mto.rundir import RunLock
 
 ROOT = Path(__file__).parent.parent
 PKG = ROOT / "hpc_mto"
@@ -81,10 +79,12 @@ CONFIG_CASES = {
     "unknown key": (["--set", "trian.epochs=3"], "unknown config key 'trian'"),
     "wrong type": (["--set", "train.batch_size=big"], "train.batch_size must be int"),
     "splits < 1": (["--splits", "0"], "splits must be >= 1"),
-    "val fraction out of range": (["--set", "data.val_fraction=1"], "val_fraction must be in (0, 1)"),
+    "val fraction out of range": (["--set", "data.val_fraction=1"], "val_fraction must be in [0, 1)"),
+    "blocks pattern matching nothing": (["--set", "transfer.blocks=[conv*]"],
+                                        "transfer.blocks pattern 'conv*' matches no floating-point state entry"),
     "interval <= 0": (["--set", "transfer.interval=0"], "interval must be >= 1"),
     "negative lr": (["--set", "train.lr=-1"], "train.lr must be > 0"),
-    "bad choice": (["--set", "transfer.fitness=test"], "valid: val, train"),
+    "bad choice": (["--set", "transfer.fitness=test"], "valid: unseen, val, train"),
     "lr_scale length": (["--set", "train.lr_scale=[1, 2]"], "one multiplier per split"),
     "missing config file": (["--config", "{tmp}/nope.yaml"], "config file not found"),
     "YAML syntax error": (["--config", "{bad_yaml}"], "started at line 3"),
@@ -132,7 +132,7 @@ def test_errors_from_a_real_process_have_no_traceback(tmp_path):
     proc = subprocess.run([HPC_MTO, "launch", "--set", "transfer.policy=greedy"], capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        "hpc-mto: error: invalid config: transfer.policy='greedy'; valid: none, best, interpolate, average"]
+        "hpc-mto: error: invalid config: transfer.policy='greedy'; valid: none, best, interpolate, average, distill"]
 
 
 @pytest.fixture
@@ -162,7 +162,7 @@ def test_stale_lock_of_a_dead_process_is_taken_over(prepared):
     dead = subprocess.Popen(["true"])
     dead.wait()
     prepared.lock_file.write_text(json.dumps({"host": os.uname().nodename, "pid": dead.pid, "since": 0}))
-    lock = RunLock(prepared.lock_file, {}).acquire()
+    lock = RunLock(prepared.lock_file).acquire()
     assert json.loads(prepared.lock_file.read_text())["pid"] == os.getpid()
     lock.release()
     assert not prepared.lock_file.exists()
@@ -214,12 +214,12 @@ sys.path.insert(0, {str(Path(__file__).parent / 'helpers')!r})
 from write_checkpoints import big_task
 from hpc_mto import checkpoint
 task = big_task()
-first = checkpoint.save({str(tmp_path)!r}, task, {{}})
+first = checkpoint.save({str(tmp_path)!r}, 0, task.global_step, task.state_dict())
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a full disk is an error from write(), not a signal
 resource.setrlimit(resource.RLIMIT_FSIZE, (first.stat().st_size // 3, resource.RLIM_INFINITY))
 task.epoch += 1
 try:
-    checkpoint.save({str(tmp_path)!r}, task, {{}})
+    checkpoint.save({str(tmp_path)!r}, 0, task.global_step, task.state_dict())
 except Exception as exc:  # h5py reports EFBIG as OSError or RuntimeError depending on where it hits
     print("write failed:", type(exc).__name__, exc)
 """
@@ -250,7 +250,8 @@ def test_a_pickled_model_file_is_refused_without_running_it(prepared, tmp_path):
             return (os.system, (f"touch {marker}",))
 
     prepared.model_file.write_bytes(pickle.dumps({"w": Evil()}))
-    prepared.model_info.write_text(json.dumps({"model": {"name": "mlp", "width": 8, "depth": 1, "shared_init": False},
+    prepared.model_info.write_text(json.dumps({"schema": 1, "candidate": "task-0/final",
+                                               "model": {"name": "mlp", "width": 8, "depth": 1, "shared_init": False},
                                                "input_shape": [1, 8, 8], "num_classes": 10}))
     with pytest.raises(RunDirError, match="not a plain tensor state dict"):
         load_selected(prepared.path)

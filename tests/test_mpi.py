@@ -15,8 +15,15 @@ def test_transfer_properties_on_two_ranks():
     """average = exact mean everywhere; best adopts the clearly better model and only it; decisions
     follow independently computed scores; blocks outside the patterns never change."""
     mpi_script(2, "transfer_props.py", "average", "best_known", "best_scores=0.0",
-               "blocks_outside_patterns_never_change")
+               "blocks_outside_patterns_never_change", "distill_teacher_is_the_peers_mean_logits_on_own_training_samples",
+               "gradual_average_pulls_by_the_rate")
 
 
 def test_transfer_properties_on_four_ranks():
-    mpi_script(4, "transfer_props.py", "average", "best_known", "best_scores=0.0", "best_scores=0.05")
+    """The unseen rule judges each pair on the intersection of their validation sets, and makes no
+    comparison on fewer than transfer.min_samples (400: more than any intersection here)."""
+    mpi_script(4, "transfer_props.py", "average", "best_known", "best_scores=0.0", "best_scores=0.05",
+               "unseen_compares_on_samples_neither_lineage_trained_on=1",
+               "unseen_compares_on_samples_neither_lineage_trained_on=400",
+               "keep_lineages_refuses_the_smallest_gains_that_would_leave_too_few",
+               "distill_teacher_is_the_peers_mean_logits_on_own_training_samples")

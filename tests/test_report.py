@@ -14,11 +14,10 @@ import matplotlib.image
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import result
+from conftest import read_jsonl, result
 
 from hpc_mto import report as report_mod
-from hpc_mto.report import report
-from hpc_mto.rundir import read_jsonl
+from hpc_mto.cli import main
 
 EPOCHS = 4  # of the shared run (conftest.best_k2)
 PLOTS = ("val_curves.png", "cv_matrix.png", "transfers.png")
@@ -52,7 +51,7 @@ def partial_run(run_dir, tmp_path):
 
 
 def invoke(*args, ok=True):
-    res = CliRunner().invoke(report, [str(a) for a in args])
+    res = CliRunner().invoke(main, ["report", *map(str, args)])
     if ok:
         assert res.exit_code == 0, f"report failed ({res.exit_code}): {res.output}"
     return res
@@ -70,13 +69,24 @@ def test_summary_test_accuracies_equal_the_result(run_dir, summary):
     r = result(run_dir)
     t = summary["test"]
     assert t["selected"] == r["selected"]["test_acc"] and t["selected_id"] == r["selected"]["id"]
-    assert t["ensemble"] == r["ensemble"]["test_acc"]
+    assert t["ensemble"] == r["outputs"]["ensemble"]["test_acc"]
+    assert t["output"] == r["outputs"][r["output"]]["test_acc"]
     finals = [c["test_acc"] for c in r["candidates"] if c["kind"] == "final"]
     assert t["mean_single"] == pytest.approx(np.mean(finals))
     assert t["best_single"] == max(c["test_acc"] for c in r["candidates"])
     for rule, choice in r["choices"].items():
-        assert summary["selection"]["choices"][rule]["holdout_acc"] == choice["holdout_acc"]
+        assert summary["selection"]["choices"][rule]["select_acc"] == choice["select_acc"]
         assert summary["selection"]["choices"][rule]["test_acc"] == choice["test_acc"]
+
+
+def test_summary_leads_with_the_output_and_its_estimate_from_the_estimation_half(run_dir, summary):
+    r = result(run_dir)
+    o = summary["outcome"]
+    assert o["output"] == r["output"] and o["estimate"] == r["outputs"][r["output"]]["estimate_acc"]
+    assert o["estimate_samples"] == r["estimate_samples"] > 0
+    # auto: the output with the best selection-half accuracy (ties: single first)
+    order = ["single", "soup", "student", "ensemble"]
+    assert r["output"] == max(r["outputs"], key=lambda k: (r["outputs"][k]["select_acc"], -order.index(k)))
 
 
 def test_summary_cv_row_means_are_recomputed_from_the_matrix(run_dir, summary):
@@ -115,8 +125,9 @@ def test_text_shows_config_selected_row_means_and_overhead(run_dir, summary, tex
         line = next(line for line in text.splitlines() if line.lstrip("* ").startswith(row_id + " "))
         assert line.split()[-1] == f"{row.mean():.4f}"
     assert f"transfer overhead: {summary['timing']['transfer_pct']:.1f}%" in text
-    for word in ("digits", "mlp", "cv_mean", "holdout", "ensemble"):
+    for word in ("digits", "mlp", "cv_mean", "holdout", "ensemble", "estimated accuracy", "optimistic"):
         assert word in text
+    assert text.index("estimated accuracy") < text.index("cross-validation accuracy")
 
 
 def test_plots_are_non_blank_pngs(run_dir, summary):
@@ -149,7 +160,7 @@ def test_partial_run_reports_progress_so_far(partial_run):
 
 
 def test_not_a_run_directory_is_one_line_and_exit_2(tmp_path):
-    proc = subprocess.run([sys.executable, "-c", "from hpc_mto.report import report; report()", str(tmp_path)],
+    proc = subprocess.run([sys.executable, "-c", "from hpc_mto.cli import main; main()", "report", str(tmp_path)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.startswith("hpc-mto: error: ") and len(proc.stderr.strip().splitlines()) == 1

@@ -1,8 +1,8 @@
 """End-to-end local runs: the real CLI, mpiexec, digits."""
 
+import json
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pytest
 import torch
@@ -10,6 +10,7 @@ import torch
 from conftest import QUICK, result, run_cli
 from hpc_mto import checkpoint, data, models, splits
 from hpc_mto.config import load
+from hpc_mto.model_io import load_ensemble, load_output
 from hpc_mto.task import Arrays, evaluate
 
 pytestmark = pytest.mark.mpi
@@ -20,9 +21,9 @@ def final_states(run_dir: Path, k: int) -> list[dict]:
     out = []
     for t in range(k):
         step = checkpoint.steps(run_dir / "checkpoints", t)[-1]
-        with h5py.File(checkpoint.path_for(run_dir / "checkpoints", t, step), "r") as f:
-            out.append({g: {n.replace("|", "/"): torch.from_numpy(f[g][n][()]) for n in f[g]}
-                        for g in ("model", "best")})
+        state = checkpoint.load(checkpoint.path_for(run_dir / "checkpoints", t, step))
+        out.append({kind: {n: torch.from_numpy(a) for n, a in state.of_kind(kind).items()}
+                    for kind in ("model", "best")})
     return out
 
 
@@ -61,9 +62,10 @@ def test_selected_model_is_the_argmax_of_row_means_and_is_saved(finished_run):
     r = result(run_dir)
     means = np.asarray(r["cv_acc"]).mean(axis=1)
     assert r["selected"]["index"] == int(np.argmax(means))
-    holdout = [c["holdout_acc"] for c in r["candidates"]]
-    assert r["choices"]["holdout"]["index"] == int(np.argmax(holdout))
+    select = [c["select_acc"] for c in r["candidates"]]
+    assert r["choices"]["holdout"]["index"] == int(np.argmax(select))
     chosen = r["candidates"][r["selected"]["index"]]
+    assert json.loads((run_dir / "model.json").read_text())["candidate"] == chosen["id"]
     saved = torch.load(run_dir / "model.pt", weights_only=True)
     states = final_states(run_dir, k)[chosen["task"]]
     expected = states["model" if chosen["kind"] == "final" else "best"]
@@ -84,10 +86,61 @@ def test_none_policy_on_k_ranks_equals_k_separate_single_process_runs(tmp_path):
     assert result(mpi)["cv_acc"] == result(separate)["cv_acc"]
 
 
-def test_default_config_reaches_090_test_accuracy(tmp_path):
-    """What `make demo` runs: digits, K=4, policy best, 30 epochs."""
+def test_default_config_reaches_090_test_accuracy_and_keeps_half_the_lineages(tmp_path):
+    """What `make demo` runs: the embedded default config."""
     run_dir = tmp_path / "demo"
     out = run_cli("launch", "--run-dir", run_dir, "--no-progress")
     r = result(run_dir)
-    assert r["selected"]["test_acc"] >= 0.90, r["selected"]
-    assert f"test acc {r['selected']['test_acc']:.4f}" in out.stdout
+    output = r["outputs"][r["output"]]
+    assert output["test_acc"] >= 0.90 and r["selected"]["test_acc"] >= 0.90, r["outputs"]
+    assert r["lineages_left"] >= r["k"] / 2
+    assert out.stdout.splitlines()[-1].startswith(f"output {r['output']} ({output['id']}): estimated acc "
+                                                  f"{r['estimate']:.4f}")
+
+
+def test_whole_set_baseline_trains_on_the_whole_pool_with_final_and_swa_candidates(tmp_path):
+    run_dir = tmp_path / "whole"
+    run_cli("launch", "--run-dir", run_dir, "--splits", 1, "--set", "data.val_fraction=0", "--set", "train.epochs=3",
+            "--set", "train.swa_epochs=2", "--set", "selection.rule=holdout", "--set", "transfer.policy=none",
+            "--set", "checkpoint.keep=10", "--no-progress")
+    r = result(run_dir)
+    assert [c["kind"] for c in r["candidates"]] == ["final", "swa"] and r["cv_acc"] == []
+    s, _ = splits.read(run_dir / "splits.h5")
+    gross = len(data.load(load(run_dir / "config.yaml").data).y)
+    assert np.array_equal(s.train[0], np.setdiff1d(np.arange(gross), s.holdout)) and len(s.val[0]) == 0
+    assert r["selected"]["index"] == int(np.argmax([c["select_acc"] for c in r["candidates"]]))
+    # SWA is the mean of the weights at the ends of the last two epochs (checkpointed at each).
+    ckpts = run_dir / "checkpoints"
+    ends = [checkpoint.load(checkpoint.path_for(ckpts, 0, step)) for step in checkpoint.steps(ckpts, 0)[-2:]]
+    for name, swa in ends[-1].of_kind("swa").items():
+        if swa.dtype.kind == "f":
+            np.testing.assert_allclose(swa, (ends[0].of_kind("model")[name] + ends[1].of_kind("model")[name]) / 2,
+                                       rtol=1e-6, atol=1e-7)
+
+
+def test_outputs_soup_student_ensemble_are_built_saved_and_loadable(tmp_path):
+    """Shared initialisation, a student, the soup forced as the output: model.pt is the mean of the
+    soup's members (their saved ensemble files), and the ensemble module gives the recorded accuracy."""
+    run_dir = tmp_path / "outputs"
+    run_cli("launch", "--run-dir", run_dir, "--splits", 3, "--set", "train.epochs=3", "--set", "model.shared_init=true",
+            "--set", "selection.distill_output=true", "--set", "selection.output=soup",
+            "--set", "transfer.policy=distill", "--no-progress")
+    r = result(run_dir)
+    assert set(r["outputs"]) == {"single", "ensemble", "soup", "student"} and r["output"] == "soup"
+    assert r["estimate"] == r["outputs"]["soup"]["estimate_acc"]
+    info = json.loads((run_dir / "model.json").read_text())
+    assert info["candidate"] == "soup" and len(info["ensemble"]) == 3
+    members = [torch.load(run_dir / m, weights_only=True) for m in info["ensemble"]]
+    soup_members = [int(m.split("/")[0].removeprefix("task-")) for m in r["outputs"]["soup"]["members"]]
+    saved = torch.load(run_dir / "model.pt", weights_only=True)
+    for name, tensor in saved.items():
+        mean = sum(members[t][name].double() for t in soup_members) / len(soup_members)
+        assert torch.equal(tensor, mean.float()), name
+    ensemble = load_ensemble(run_dir)
+    cfg = load(run_dir / "config.yaml")
+    ds = data.load(cfg.data)
+    with torch.no_grad():
+        logits = [m(torch.from_numpy(ds.x_test)).double() for m in ensemble.members]
+    accuracy = ((sum(logits) / len(logits)).argmax(1).numpy() == ds.y_test).mean()
+    assert accuracy == r["outputs"]["ensemble"]["test_acc"]
+    assert len(ensemble.members) == 3 and load_output(run_dir)(torch.from_numpy(ds.x_test[:2])).shape == (2, 10)

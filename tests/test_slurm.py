@@ -82,7 +82,8 @@ def test_gang_launch_trains_on_slurm_and_ends_where_a_local_run_ends(tmp_path, r
     out = run_cli("launch", *SLURM, "--run-dir", run_dir, *CONFIG, "--wait").stdout
     [job] = job_ids(run_dir)
     assert f"submitted SLURM job {job}" in out and f"job {job}: COMPLETED" in out
-    assert re.search(rf"^selected task-\d/\w+ by cv_mean: test acc .*; run dir {run_dir}$", out, re.M)
+    assert re.search(rf"^output \w+ \(.*\): estimated acc .* single model task-\d/\w+ by cv_mean: .*; "
+                     rf"run dir {run_dir}$", out, re.M)
     assert accounting(job) == ["COMPLETED"]
     assert_same_model(run_dir, reference)
     # Every task logs into the run directory, and what was submitted is what --dry-run prints.

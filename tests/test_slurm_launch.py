@@ -9,7 +9,8 @@ from click.testing import CliRunner
 
 from hpc_mto.cli import main
 from hpc_mto.errors import LaunchError
-from hpc_mto.launch.slurm import NodeKind, Request, executor_parameters, layout, parse_gpus
+from hpc_mto.launch.slurm_queries import NodeKind, parse_gpus
+from hpc_mto.launch.slurm_request import Request, executor_parameters, layout
 
 GOLDEN = Path(__file__).parent / "golden"
 

@@ -60,3 +60,17 @@ def test_write_once_and_read_back(tmp_path, labels):
     assert attrs["seed"] == 0
     with pytest.raises(Exception, match="never rewritten"):
         splits.write(path, s, {})
+
+
+def test_holdout_halves_are_disjoint_stratified_and_make_up_the_holdout(labels):
+    s = splits.make(labels, 4, 0.2, 0.2, seed=3)
+    assert len(np.intersect1d(s.holdout_select, s.holdout_estimate)) == 0
+    assert np.array_equal(np.union1d(s.holdout_select, s.holdout_estimate), s.holdout)
+    per_class = [np.bincount(labels[h], minlength=5) for h in (s.holdout_select, s.holdout_estimate)]
+    assert np.abs(per_class[0] - per_class[1]).max() <= 1  # each class split in half (odd counts differ by 1)
+
+
+def test_no_validation_fraction_trains_every_task_on_the_whole_pool(labels):
+    s = splits.make(labels, 3, 0.0, 0.1, seed=3)
+    pool = np.setdiff1d(np.arange(len(labels)), s.holdout)
+    assert all(len(va) == 0 and np.array_equal(tr, pool) for tr, va in zip(s.train, s.val))

@@ -13,9 +13,9 @@ def task_line(run: RunDir, task: int, epochs: int) -> str:
     if not rows:
         return f"task {task}: starting"
     m = rows[-1]
-    adopted = m.get("adopted_total", 0)
-    return (f"task {task}: epoch {m['epoch'] + 1}/{epochs}  train loss {m['train_loss']:.4f}  "
-            f"val loss {m['val_loss']:.4f}  val acc {m['val_acc']:.4f}  transfers accepted {adopted}")
+    val = f"val loss {m.val_loss:.4f}  val acc {m.val_acc:.4f}" if m.val_acc is not None else "no validation set"
+    return (f"task {task}: epoch {m.epochs_done}/{epochs}  train loss {m.train_loss:.4f}  {val}  "
+            f"transfers accepted {m.adopted_total}")
 
 
 class Progress:

@@ -22,8 +22,8 @@ def big_task() -> Task:
 if __name__ == "__main__":
     root = Path(sys.argv[1])
     task = big_task()
-    checkpoint.save(root, task, {"n": 0})
+    checkpoint.save(root, 0, task.global_step, task.state_dict())
     print("first written", flush=True)
     while True:
         task.epoch += 1
-        checkpoint.save(root, task, {"n": task.epoch})
+        checkpoint.save(root, 0, task.global_step, task.state_dict())

@@ -1,0 +1,169 @@
+"""What a user asks SLURM for, and the job it becomes: the ``Request`` (the launch options), the
+node layout of a gang, the submitit parameters and the sbatch script they render to. Nothing here
+submits; ``checked_parameters`` asks the scheduler with ``sbatch --test-only``."""
+
+from __future__ import annotations
+
+import math
+import re
+import shlex
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..config import Config
+from ..errors import LaunchError
+from ..rundir import RunDir
+from ..signals import parse_signal
+from .slurm_queries import NodeKind, partition_nodes, require, slurm_command
+
+# Everything that reaches an #SBATCH line. submitit shell-quotes values, but a newline would still
+# end the comment line and run the rest in bash, so only plain names get through.
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}")
+# SLURM feature expressions: features joined by & | , with optional [ ] ( ) *N and !.
+SAFE_CONSTRAINT = re.compile(r"[A-Za-z0-9_.+\-&|,*\[\]()!:]{1,256}")
+SAFE_MEM = re.compile(r"[0-9]+[KMGT]?")
+
+
+def _opt(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class Request:
+    """What a user asks SLURM for: the CLI options of ``launch`` (one per field, help included).
+
+    Kept in jobs.json, so status and resume see what was asked for.
+    """
+
+    partition: str | None = _opt(None, "partition (default: the cluster's default one)")
+    array: bool = _opt(False, "one job per split (file exchange) instead of one gang job of K tasks")
+    gpus_per_task: int = _opt(1, "GPUs per task (0 for CPU partitions)")
+    cpus_per_task: int | None = _opt(None, "CPUs per task (default: train.threads)")
+    mem: str | None = _opt(None, "memory per node, e.g. 16G")
+    time: int = _opt(60, "time limit per job in minutes; a job at its limit checkpoints and requeues")
+    nodes: int | None = _opt(None, "nodes of the gang job (default: as few as the tasks fit on)")
+    tasks_per_node: int | None = _opt(None, "tasks per node (default: as many as a node's GPUs and CPUs hold)")
+    account: str | None = _opt(None, "account to charge")
+    qos: str | None = _opt(None, "quality of service")
+    constraint: str | None = _opt(None, "node feature constraint, e.g. a100")
+    mpi: str = _opt("pmi2", "srun MPI plugin that joins the gang's tasks into one MPI world")
+    max_requeues: int = _opt(10, "stop requeueing a job after this many checkpoint-and-requeue cycles")
+
+    def __post_init__(self):
+        for name in ("partition", "account", "qos", "mpi"):
+            check_value(name, getattr(self, name), SAFE_NAME, "letters, digits and _ . + -")
+        check_value("constraint", self.constraint, SAFE_CONSTRAINT, "feature names joined by & | ,")
+        check_value("mem", self.mem, SAFE_MEM, "a number with an optional K, M, G or T suffix")
+        for name in ("gpus_per_task", "max_requeues"):
+            if getattr(self, name) < 0:
+                raise LaunchError(f"--{dashed(name)} must be >= 0")
+        for name in ("cpus_per_task", "time", "nodes", "tasks_per_node"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise LaunchError(f"--{dashed(name)} must be >= 1")
+
+
+def dashed(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def check_value(name: str, value: str | None, pattern: re.Pattern, rule: str) -> None:
+    if value is not None and not pattern.fullmatch(value):
+        raise LaunchError(f"invalid --{dashed(name)} {value!r}: use {rule}")
+
+
+def job_name(run_path: Path) -> str:
+    """``hpc-mto-<run dir name>``, with anything outside the safe set replaced: it names jobs in squeue."""
+    return "hpc-mto-" + re.sub(r"[^A-Za-z0-9_.+-]", "_", Path(run_path).absolute().name)[:100]
+
+
+def config_overrides(req: Request) -> list[str]:
+    """Config the request implies: array jobs share no MPI world, so they exchange through files."""
+    return ["transfer.backend=file"] if req.array else []
+
+
+def layout(k: int, req: Request, cpus_per_task: int, kinds: list[NodeKind] | None) -> tuple[int, int]:
+    """(nodes, tasks per node) of a gang of k tasks: as given, or as many tasks per node as the
+    partition's largest node holds (by GPUs and CPUs), so the gang spans as few nodes as it can."""
+    if req.array:
+        return 1, 1
+    if req.tasks_per_node:
+        nodes, per_node = req.nodes or math.ceil(k / req.tasks_per_node), req.tasks_per_node
+    elif req.nodes:
+        nodes, per_node = req.nodes, math.ceil(k / req.nodes)
+    else:
+        fits = max(min(kind.gpus // req.gpus_per_task if req.gpus_per_task else k, kind.cpus // cpus_per_task)
+                   for kind in kinds)
+        if fits < 1:
+            biggest = max(kinds, key=lambda kind: (kind.gpus, kind.cpus))
+            raise LaunchError(f"no node of partition {req.partition or '(default)'} holds one task of "
+                              f"{req.gpus_per_task} GPU and {cpus_per_task} CPU (largest node: "
+                              f"{biggest.gpus} GPU, {biggest.cpus} CPU)")
+        per_node = min(k, fits)
+        nodes = math.ceil(k / per_node)
+    if nodes * per_node < k:
+        raise LaunchError(f"--nodes {nodes} x --tasks-per-node {per_node} holds fewer than the {k} tasks")
+    return nodes, per_node
+
+
+def executor_parameters(req: Request, k: int, name: str, threads: int, kinds: list[NodeKind] | None) -> dict:
+    """The submitit SlurmExecutor parameters of a run (one array job's, in array mode)."""
+    cpus = req.cpus_per_task or threads
+    nodes, per_node = layout(k, req, cpus, kinds)
+    params = {"job_name": name, "time": req.time, "nodes": nodes, "ntasks_per_node": per_node,
+              "cpus_per_task": cpus}
+    for key in ("partition", "mem", "account", "qos", "constraint"):
+        if getattr(req, key) is not None:
+            params[key] = getattr(req, key)
+    if req.gpus_per_task:
+        params["gpus_per_task"] = req.gpus_per_task
+    if not req.array:
+        # --ntasks bounds the gang to exactly K when nodes x tasks-per-node is larger (SLURM then
+        # reads --ntasks-per-node as a maximum); the worker checks the MPI world has K ranks.
+        params["additional_parameters"] = {"ntasks": k}
+        params["srun_args"] = [f"--mpi={req.mpi}"]
+    return params
+
+
+def plan(cfg: Config, req: Request, run_path: Path) -> dict:
+    """Executor parameters for a run, asking sinfo only where the layout must be derived."""
+    needs_sinfo = not req.array and not (req.nodes or req.tasks_per_node)
+    kinds = partition_nodes(req.partition) if needs_sinfo else None
+    return executor_parameters(req, cfg.splits, job_name(run_path), cfg.train.threads, kinds)
+
+
+def sbatch_script(params: dict, run_path: Path, req: Request, k: int) -> str:
+    """The sbatch script submitit submits for these parameters (``--dry-run`` prints it).
+
+    submitit builds it in a private function; using that one keeps the dry run identical to the
+    real submission (tests compare the two). submitit submits one job, not an array, for K=1.
+    """
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    folder = RunDir(run_path).slurm_dir.absolute()
+    command = f"{shlex.quote(sys.executable)} -u -m submitit.core._submit {shlex.quote(str(folder))}"
+    return _make_sbatch_string(command=command, folder=folder, map_count=k if req.array and k > 1 else None,
+                               **params)
+
+
+def checked_parameters(cfg: Config, req: Request, run_path: Path) -> dict:
+    """The executor parameters, once the scheduler agrees to run them (nothing is written)."""
+    require("sbatch")
+    check_signals(cfg.checkpoint.signals)
+    params = plan(cfg, req, run_path)
+    try:  # the scheduler's own verdict, without submitting anything
+        slurm_command("sbatch", "--test-only", stdin=sbatch_script(params, run_path, req, cfg.splits))
+    except LaunchError as exc:
+        shape = f"{cfg.splits} {'jobs' if req.array else 'tasks'} of {req.gpus_per_task} GPU and " \
+                f"{params['cpus_per_task']} CPU each, partition {req.partition or '(default)'}"
+        raise LaunchError(f"SLURM refuses the request ({shape}): {str(exc).removeprefix('sbatch failed: ')}") \
+            from None
+    return params
+
+
+def check_signals(signals: list[str]) -> None:
+    import submitit
+
+    if parse_signal(submitit.JobEnvironment.USR_SIG) not in {parse_signal(s) for s in signals}:
+        raise LaunchError(f"checkpoint.signals must include {submitit.JobEnvironment.USR_SIG}: SLURM sends "
+                          "it before the time limit, and the run must checkpoint then")

@@ -59,7 +59,7 @@ WHOLE = ("data.val_fraction=0", "selection.rule=holdout", "transfer.policy=none"
 OLD = ("transfer.interval=1", "transfer.optimizer_state=copy", "transfer.keep_lineages=0")
 MODES = {
     "conventional": Mode("conventional (K=1, one split)", ("splits=1", "transfer.policy=none"), ("single",)),
-    "whole": Mode("whole set (K=1)", ("splits=1", *WHOLE), ("task-0/final", "task-0/swa")),
+    "whole": Mode("whole set (K=1)", ("splits=1", *WHOLE), ("task-0/final", "task-0/swa", "single")),
     "whole-ensemble": Mode(f"{K} whole-set models (SWA)", (f"splits={K}", *WHOLE, "selection.output=ensemble"),
                            ("ensemble",)),
     # No student here: this run is the "none" every K=4 mode's wall time is compared with.
@@ -227,13 +227,12 @@ def estimate_table(group: list[dict]) -> list[str]:
         runs = [r for r in group if r["mode"] == mode]
         if not runs or mode == "whole-ensemble":
             continue
-        chosen = statistics.multimode(r["output"] for r in runs)
         counts = ", ".join(f"{o} {sum(r['output'] == o for r in runs)}" for o in sorted({r["output"] for r in runs}))
         tests = [r["outputs"].get(r["output"], {}).get("test_acc") for r in runs]
         pairs = [(r["estimate"], t) for r, t in zip(runs, tests) if r["estimate"] is not None and t is not None]
         lines.append(f"| {m.label} | {counts} | {pct([e for e, _ in pairs])} | {pct([t for _, t in pairs])} | "
                      f"{mean_or_dash([abs(e - t) for e, t in pairs], '{:.2f}', 100)} |"
-                     if pairs else f"| {m.label} | {chosen} | — | — | — |")
+                     if pairs else f"| {m.label} | {counts} | — | — | — |")
     return lines
 
 
@@ -260,7 +259,7 @@ def render(records: list[dict], meta: dict) -> str:
         tuning = [r for r in records if r["dataset"] == dataset and r["seed"] not in REPORTED_SEEDS]
         if group:
             seeds = sorted({r["seed"] for r in group})
-            out += [f"### {dataset}: {DATASETS[dataset].epochs} epochs, cosine schedule, K={K}, seeds "
+            out += [f"### {dataset}: {DATASETS[dataset].epochs} epochs, constant learning rate, K={K}, seeds "
                     f"{seeds[0]}–{seeds[-1]} ({len(seeds)})", "",
                     f"Wall time of these runs: {sum(r['wall_s'] for r in group) / 60:.0f} min.", ""]
             out += main_table(group) + ["", "The tool's estimate of its own output (`selection.output=auto`):", ""]

@@ -111,10 +111,10 @@ def load(path: Path, kinds: tuple[str, ...] | None = None) -> State:
         return State(arrays, json.loads(f.attrs["meta"]))
 
 
-def newest_intact(root: Path, task: int) -> int | None:
-    """The newest step of this task's intact checkpoints."""
+def newest_intact(root: Path, task: int, at_most: int | None = None) -> int | None:
+    """The newest step (not after ``at_most``) of this task's intact checkpoints."""
     for step in reversed(steps(root, task)):
-        if verify(path_for(root, task, step)) is None:
+        if (at_most is None or step <= at_most) and verify(path_for(root, task, step)) is None:
             return step
     return None
 

@@ -49,7 +49,12 @@ def summary_line(run: RunDir) -> str:
 
 
 def finish_local(run: RunDir, code: int) -> None:
-    if code == 0 and run.finished:
+    if run.finished:
+        # result.json is written last, after model.pt and every ensemble member: the run is complete
+        # even when a task failed afterwards (while its MPI runtime shut down, say).
+        if code != 0:
+            click.echo(f"hpc-mto: warning: a task exited with status {code} after the result was written; "
+                       "the result is complete", err=True)
         click.echo(summary_line(run))
         return
     if code == EXIT_REQUEUE:
@@ -194,11 +199,21 @@ def status(run_dir):
         click.echo(f"SLURM {record.mode} run, partition {record.parameters.get('partition', '(default)')}")
         for jid, state in slurm_queries.job_states(record.jobs).items():
             click.echo(slurm_queries.state_line(jid, state))
+            log = run.slurm_dir / f"{jid}_0_log.err"  # the batch step's stderr: srun reports there
+            lost = slurm_queries.lost_node(log.read_text(errors="replace") if log.is_file() else "")
+            if lost and not state.live:
+                node, tasks, how = lost
+                click.echo(f"job {jid}: node {node} (task{'s' * (len(tasks) > 1)} {', '.join(map(str, tasks))}) "
+                           f"ended the run ({how}); the other tasks were stopped with them. Continue with: "
+                           f"hpc-mto resume {run.path}")
     cfg = run.config()
     for task in range(cfg.splits):
         click.echo(task_line(run, task, cfg.train.epochs))
     if run.finished:
         click.echo(summary_line(run))
+    elif run.selection_pending():
+        click.echo(f"selection pending: every task finished training, but not all were there together for the "
+                   f"final selection (array jobs end apart); run it with: hpc-mto resume {run.path}")
 
 
 @main.command()

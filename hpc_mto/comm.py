@@ -37,6 +37,9 @@ class Fallback(Protocol):
     def covers(self, tag: str) -> bool:
         """Whether a late peer may be stood in for in this exchange (else it is missing)."""
 
+    def ahead(self, peer: int, tag: str) -> bool:
+        """Whether the peer is already past this exchange (so it will not publish it any more)."""
+
     def __call__(self, peer: int, tag: str) -> tuple[np.ndarray, dict]:
         """Blocks and meta standing in for the peer's."""
 
@@ -160,6 +163,9 @@ class FileComm(Comm):
     def __init__(self, root: Path, rank: int, size: int, timeout: float, fallback: Fallback | None = None):
         self.root, self.rank, self.size, self.timeout = Path(root), rank, size, timeout
         self.fallback = fallback
+        # Peers that let an exchange time out: until they publish again, waiting for them costs nothing,
+        # or a peer that stays away would cost a full timeout at every round.
+        self.absent: set[int] = set()
 
     def _path(self, tag: str, j: int, ext: str = "h5") -> Path:
         return self.root / tag / f"task-{j}.{ext}"
@@ -171,25 +177,33 @@ class FileComm(Comm):
             f.create_dataset("blocks", data=buf)
             f.attrs["meta"] = json.dumps(meta)
 
-    def _wait(self, path: Path) -> bool:
-        deadline = time.monotonic() + self.timeout
+    def _covered(self, tag: str) -> bool:
+        return self.fallback is not None and self.fallback.covers(tag)
+
+    def _wait(self, path: Path, tag: str, j: int) -> bool:
+        """Whether the peer's file for ``tag`` appears; a known-absent peer, or one already past this
+        exchange, is not waited for where the fallback can stand in."""
+        patient = not (self._covered(tag) and (j in self.absent or self.fallback.ahead(j, tag)))
+        deadline = time.monotonic() + (self.timeout if patient else 0.0)
         while not path.exists():
             if time.monotonic() > deadline:
+                self.absent.add(j)
                 return False
             time.sleep(self.POLL)
+        self.absent.discard(j)
         return True
 
     def _read(self, tag: str, j: int, out: np.ndarray) -> dict:
         path = self._path(tag, j)
-        if self._wait(path):
+        if self._wait(path, tag, j):
             with h5py.File(path, "r") as f:
                 f["blocks"].read_direct(out)
                 return json.loads(f.attrs["meta"])
-        if not (self.fallback and self.fallback.covers(tag)):
+        if not self._covered(tag):
             raise PeerMissing(f"task {j} published nothing for {tag} within {self.timeout:.0f}s")
         buf, meta = self.fallback(j, tag)
         out[...] = buf
-        log.warning(f"task {j} did not publish {tag} within {self.timeout:.0f}s: using its checkpoint")
+        log.warning(f"task {j} did not publish {tag}: using its newest checkpoint from no later than this round")
         return {**meta, "stale": True}
 
     def candidates(self, tag, own, meta):
@@ -223,10 +237,10 @@ class FileComm(Comm):
         out = []
         for j in range(self.size):
             p = self._path(tag, j, "json")
-            if self._wait(p):
+            if j == self.rank or self._wait(p, tag, j):
                 out.append(json.loads(p.read_text()))
-            elif self.fallback and self.fallback.covers(tag):
-                log.warning(f"task {j} did not publish {tag} within {self.timeout:.0f}s: going on without it")
+            elif self._covered(tag):
+                log.warning(f"task {j} did not publish {tag}: going on without it")
                 out.append(None)  # a late peer has no say in this round
             else:
                 raise PeerMissing(f"task {j} published nothing for {tag} within {self.timeout:.0f}s")

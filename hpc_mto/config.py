@@ -97,6 +97,8 @@ class TransferConfig:
                         ("mpi", "file"))
     peer_timeout: float = _opt(600.0, "file backend: seconds to wait for a peer before using its "
                                       "newest checkpointed blocks")
+    heartbeat_timeout: float = _opt(120.0, "MPI backend: a task whose peer shows no sign of life for this many "
+                                           "seconds ends the job, naming the peer (0: off)")
 
 
 @dataclass
@@ -114,6 +116,8 @@ class SelectionConfig:
 
 @dataclass
 class CheckpointConfig:
+    every: float = _opt(60.0, "seconds: checkpoint at the first epoch end this long after the previous one (and "
+                              "at the end, on a stop signal, at file-exchange rounds); 0: every epoch end")
     keep: int = _opt(2, "complete checkpoints kept per task")
     signals: list = _opt(["USR2", "TERM"], "signals that make every task checkpoint and stop")
 
@@ -168,9 +172,11 @@ class Config:
             (0 < self.transfer.alpha <= 1, "transfer.alpha must be in (0, 1]"),
             (self.transfer.min_gain >= 0, "transfer.min_gain must be >= 0"),
             (self.transfer.peer_timeout > 0, "transfer.peer_timeout must be > 0 seconds"),
+            (self.transfer.heartbeat_timeout >= 0, "transfer.heartbeat_timeout must be >= 0 seconds"),
             (len(self.transfer.blocks) > 0 and all(isinstance(b, str) for b in self.transfer.blocks),
              "transfer.blocks must be a non-empty list of glob patterns"),
             (self.checkpoint.keep >= 1, "checkpoint.keep must be >= 1"),
+            (self.checkpoint.every >= 0, "checkpoint.every must be >= 0 seconds"),
         ]
         for ok, rule in rules + self._combination_rules():
             if not ok:
@@ -362,8 +368,9 @@ def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
 
 # Keys that may differ between a run's config and the config it is resumed with: they change how
 # long or how loudly a run goes on, not what the finished part of it computed.
-RESUME_SAFE_KEYS = frozenset({"train.epochs", "transfer.peer_timeout", "checkpoint.keep",
-                              "checkpoint.signals", "train.device", "data.data_root", "data.download"})
+RESUME_SAFE_KEYS = frozenset({"train.epochs", "transfer.peer_timeout", "transfer.heartbeat_timeout",
+                              "checkpoint.every", "checkpoint.keep", "checkpoint.signals", "train.device",
+                              "data.data_root", "data.download"})
 
 
 def resume_diff(old: Config, new: Config) -> list[str]:

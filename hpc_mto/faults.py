@@ -3,7 +3,12 @@
 ``HPC_MTO_INJECT="KIND@POINT:TASK:INDEX,..."`` fires a fault when task TASK reaches INDEX at POINT:
 - POINT ``step`` (global step, after that step), ``transfer`` (round index, as the round starts),
   ``checkpoint`` (global step, as the checkpoint is written);
-- KIND ``signal`` sends the task its first checkpoint signal (the real handler runs), ``crash`` raises.
+- KIND ``signal`` sends the task its first checkpoint signal (the real handler runs), ``crash`` raises,
+  ``freeze`` stops the process (SIGSTOP: alive but silent, like a rank on a lost node), ``kill``
+  kills it outright (SIGKILL: no handler, no cleanup, like the OOM killer or a node's power),
+  ``hold`` pauses the task there: it creates ``held-<task>`` in the directory named by
+  ``HPC_MTO_HOLD_DIR`` and waits until ``release`` appears in it (at most 10 minutes). A drill can then
+  act on a job that is certainly still running, at a known point, however fast the machine.
 
 A fault lands at an exact, reproducible point instead of wherever a timer happens to fire.
 """
@@ -11,8 +16,13 @@ A fault lands at an exact, reproducible point instead of wherever a timer happen
 from __future__ import annotations
 
 import os
+import signal
+import time
+from pathlib import Path
 
 ENV = "HPC_MTO_INJECT"
+HOLD_DIR_ENV = "HPC_MTO_HOLD_DIR"
+HOLD_LIMIT_S = 600
 
 
 class InjectedCrash(RuntimeError):
@@ -30,13 +40,27 @@ def _parse(spec: str) -> list[tuple[str, str, int, int]]:
 
 class Faults:
     def __init__(self, task: int, send_signal, environ=None):
+        environ = environ or os.environ
         self.task, self.send_signal = task, send_signal
-        self.planned = [f for f in _parse((environ or os.environ).get(ENV, "")) if f[2] == task]
+        self.planned = [f for f in _parse(environ.get(ENV, "")) if f[2] == task]
+        self.hold_dir = Path(environ[HOLD_DIR_ENV]) if HOLD_DIR_ENV in environ else None
+
+    def hold(self) -> None:
+        if self.hold_dir is None:
+            raise InjectedCrash(f"a hold fault needs {HOLD_DIR_ENV}")
+        (self.hold_dir / f"held-{self.task}").touch()
+        deadline = time.monotonic() + HOLD_LIMIT_S
+        while not (self.hold_dir / "release").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
 
     def fire(self, point: str, index: int) -> None:
         for kind, p, _, i in self.planned:
             if p == point and i == index:
                 if kind == "signal":
                     self.send_signal()
+                elif kind in ("freeze", "kill"):
+                    os.kill(os.getpid(), signal.SIGSTOP if kind == "freeze" else signal.SIGKILL)
+                elif kind == "hold":
+                    self.hold()
                 else:
                     raise InjectedCrash(f"injected crash at {point} {index}")

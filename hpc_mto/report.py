@@ -235,7 +235,9 @@ def cv_table(cv: dict) -> Table:
     k = len(cv["acc"][0])
     rows = [["*" if i == cv["selected"] else "", name + ("" if cv["finite"][i] else " (not finite)"),
              *(fmt(a) for a in cv["acc"][i]), fmt(cv["row_means"][i])] for i, name in enumerate(cv["rows"])]
-    return Table("cross-validation accuracy (row: candidate, column: validation set)",
+    # Optimistic whatever the output: most of each validation set lies in the peers' training sets.
+    return Table("cross-validation accuracy (row: candidate, column: validation set; optimistic, peers trained "
+                 "on most of each set)",
                  ["", "candidate", *(f"val {j}" for j in range(k)), "mean"], rows, "* selected")
 
 

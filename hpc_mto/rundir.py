@@ -5,6 +5,7 @@
       splits.h5                split, holdout and test indices; written once, never rewritten
       checkpoints/task-<t>/    step-<global step>.h5, exact state per task
       exchange/                file backend: round-<r>/task-<t>.h5 and final-*/
+      heartbeat/task-<t>       MPI backend: each task's sign of life (hpc_mto.heartbeat)
       metrics/task-<t>.jsonl   one line per epoch per task
       transfers/task-<t>.jsonl one line per transfer decision, this task being the target
       result.json, result.h5   CV matrix, selection, test scores, timing (written by task 0)
@@ -45,6 +46,7 @@ class RunDir:
     splits_file = property(lambda self: self.path / "splits.h5")
     checkpoints = property(lambda self: self.path / "checkpoints")
     exchange = property(lambda self: self.path / "exchange")
+    heartbeats = property(lambda self: self.path / "heartbeat")
     result_file = property(lambda self: self.path / "result.json")
     result_h5 = property(lambda self: self.path / "result.h5")
     model_file = property(lambda self: self.path / "model.pt")
@@ -68,6 +70,14 @@ class RunDir:
     @property
     def finished(self) -> bool:
         return self.result_file.is_file()
+
+    def selection_pending(self) -> bool:
+        """Every task trained to its last epoch, yet no result: the final selection has to run."""
+        cfg = self.config()
+        if self.finished:
+            return False
+        last = [self.metrics(t).read()[-1:] for t in range(cfg.splits)]
+        return all(m and m[0].epochs_done >= cfg.train.epochs for m in last)
 
     def result(self) -> Result:
         return Result.read(self.result_file)

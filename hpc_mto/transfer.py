@@ -337,6 +337,10 @@ class CheckpointFallback:
     def covers(self, tag: str) -> bool:
         return tag.startswith((ROUND_TAG, PULL_TAG)) and self.task is not None
 
+    def ahead(self, peer: int, tag: str) -> bool:
+        steps = checkpoint.steps(self.checkpoints, peer)
+        return bool(steps) and steps[-1] > self.task.global_step
+
     def __call__(self, peer: int, tag: str) -> tuple[np.ndarray, dict]:
         if self.cfg.policy == "distill":
             layout = BlockLayout(self.task.model, None, ["*"], with_optimizer_state=False)
@@ -344,7 +348,9 @@ class CheckpointFallback:
             layout = BlockLayout(self.task.model, None, self.cfg.blocks, with_optimizer_state=False)
         else:
             layout = layout_of(self.task, self.cfg)
-        step = checkpoint.newest_intact(self.checkpoints, peer)
+        # Never blocks from the peer's future: a task that is behind gets what its peer had at this
+        # point, or nothing (its newer checkpoints pruned that far back).
+        step = checkpoint.newest_intact(self.checkpoints, peer, at_most=self.task.global_step)
         if step is None:
             return np.zeros(layout.size, np.float32), {"task": peer, "finite": False, "lineage": [peer],
                                                        "trained_on": [peer], "missing": True}

@@ -27,6 +27,7 @@ from .atomic import atomic_path
 from .comm import connect
 from .errors import DataError, PeerMissing, UserError
 from .faults import Faults
+from .heartbeat import Heartbeat
 from .records import MetricsLine, ModelInfo, Timing
 from .rundir import RunDir
 from .signals import EXIT_REQUEUE, StopFlag
@@ -60,6 +61,12 @@ class Worker:
                             cfg.transfer.peer_timeout, fallback)
         self.index = self.comm.rank
         log.setup(self.index)
+        self.heartbeat = None
+        if self.comm.synchronous and self.comm.size > 1 and cfg.transfer.heartbeat_timeout > 0:
+            # The latest start time of the ranks names this launch: every rank computes the same one.
+            incarnation = repr(max(self.comm.allgather("heartbeat-start", time.time())))
+            self.heartbeat = Heartbeat(self.run.heartbeats, self.index, cfg.splits, cfg.transfer.heartbeat_timeout,
+                                       incarnation).start()
         s, attrs = splits_mod.read(self.run.splits_file)
         ds = data.load(cfg.data)
         if data.fingerprint(ds) != attrs["data_fingerprint"]:
@@ -86,6 +93,13 @@ class Worker:
         self.fingerprint = attrs["data_fingerprint"]
         self.num_classes = int(attrs["num_classes"])
         self.times = {"train": 0.0, "transfer": 0.0, "eval": 0.0, "checkpoint": 0.0}
+        self.saved_at = time.monotonic()  # of the newest checkpoint (or the start): checkpoint.every
+
+    def leave(self) -> None:
+        """This task is done with the run (finished, stopped or failed): peers stop watching it."""
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
+            self.heartbeat = None
 
     # -- checkpoints -------------------------------------------------------------------------
     def state_dict(self) -> State:
@@ -95,6 +109,12 @@ class Worker:
                              "data_fingerprint": self.fingerprint, "times": self.times}
         return state
 
+    def checkpoint_due(self) -> bool:
+        """checkpoint.every: at the first epoch end that long after the previous checkpoint, so a
+        crash loses at most that time or one epoch, whichever is larger (0: every epoch end)."""
+        every = self.cfg.checkpoint.every
+        return every == 0 or time.monotonic() - self.saved_at >= every
+
     def save(self) -> None:
         t0 = time.perf_counter()
         checkpoint.save(self.run.checkpoints, self.index, self.task.global_step, self.state_dict())
@@ -102,6 +122,7 @@ class Worker:
         self.comm.barrier()
         checkpoint.prune(self.run.checkpoints, self.index, self.cfg.checkpoint.keep)
         self.times["checkpoint"] += time.perf_counter() - t0
+        self.saved_at = time.monotonic()
 
     def restore(self) -> None:
         root = self.run.checkpoints
@@ -129,7 +150,7 @@ class Worker:
     # -- the run -----------------------------------------------------------------------------
     def train(self, stop: StopFlag) -> bool:
         """Train to the last epoch; False if stopped by a signal (checkpoint written)."""
-        cfg, task = self.cfg, self.task
+        task = self.task
         faults = Faults(self.index, stop.send_to_self)
 
         def should_stop() -> bool:
@@ -152,7 +173,6 @@ class Worker:
             t0 = time.perf_counter()
             scores = task.finish_epoch()
             self.times["eval"] += time.perf_counter() - t0
-            is_round = task.epoch % cfg.transfer.interval == 0
             adopted = None
             if self.exchange.round_due():
                 t0 = time.perf_counter()
@@ -169,7 +189,9 @@ class Worker:
                                             lineage=task.lineage,
                                             times={k: round(v, 4) for k, v in self.times.items()}))
             stopping = self.comm.any(stop.is_set)
-            if is_round or task.done or stopping:
+            # On the file exchange a late peer is stood in for by its checkpoints: they follow the rounds.
+            round_copy = adopted is not None and not self.comm.synchronous
+            if self.comm.any(self.checkpoint_due()) or round_copy or task.done or stopping:
                 faults.fire("checkpoint", task.global_step)
                 self.save()
             if stopping:
@@ -219,8 +241,10 @@ def run(run_dir: Path, task_index: int | None = None) -> int:
         worker.restore()
         if not worker.train(stop):
             logger.info(f"stopped by signal {stop.received}: checkpoint written, exiting (status {EXIT_REQUEUE})")
+            worker.leave()
             return EXIT_REQUEUE
         worker.finish()
+        worker.leave()
         return 0
     except (UserError, PeerMissing) as exc:
         logger.error(f"{exc}" + ("; resume the run once that task is back" if isinstance(exc, PeerMissing) else ""))
@@ -231,6 +255,7 @@ def run(run_dir: Path, task_index: int | None = None) -> int:
     # One failed rank must end the whole MPI job promptly instead of leaving its peers blocked in a
     # collective forever.
     if worker is not None:
+        worker.leave()
         worker.comm.abort(code)
     return code
 

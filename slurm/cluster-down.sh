@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Stop the single-node SLURM cluster started by cluster-up.sh.
+# Stop the SLURM cluster started by cluster-up.sh (every virtual node's slurmd).
 # Kills only the daemons listed in its pid files under $SLURM_BASE (and munged only if cluster-up.sh
 # started it), plus step daemons left over from this cluster's jobs. Safe to call when nothing runs.
 # State and logs stay in $SLURM_BASE for post-mortems; the next cluster-up.sh wipes them.
@@ -54,7 +54,10 @@ if alive "$BASE/slurmctld.pid"; then
   fi
 fi
 
-stop slurmd="$BASE/slurmd.pid" slurmctld="$BASE/slurmctld.pid"
+# every slurmd-<node>.pid (one per virtual node), and slurmd.pid of clusters started by older versions
+slurmds=()
+for pf in "$BASE"/slurmd-*.pid "$BASE/slurmd.pid"; do [ -e "$pf" ] && { n=${pf##*/}; slurmds+=("${n%.pid}=$pf"); }; done
+stop "${slurmds[@]}" slurmctld="$BASE/slurmctld.pid"
 # A slurmstepd outlives slurmd; one still here belongs to a job step of this cluster that did not end
 # in time, and it would keep that step's processes (and e.g. MPI ports, GPU memory) alive.
 # Kill it together with all its descendants (the job's processes), which would otherwise be orphaned.

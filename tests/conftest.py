@@ -47,10 +47,11 @@ def read_jsonl(path) -> list[dict]:
 
 @pytest.fixture(scope="session")
 def best_k2(tmp_path_factory):
-    """One finished default run (policy best) with K=2 and 4 epochs, shared by the modules that
-    only read it: a run costs more than most tests."""
+    """One finished run of policy best (a transfer round every epoch) with K=2 and 4 epochs, shared by
+    the modules that only read it: a run costs more than most tests."""
     run_dir = tmp_path_factory.mktemp("best-k2") / "run"
     # digits' pairwise unseen sets hold ~44 samples: a lower minimum than the default lets `best` adopt
-    run_cli("launch", "--run-dir", run_dir, "--splits", 2, "--set", "train.epochs=4",
-            "--set", "transfer.min_samples=20", "--no-progress")
+    run_cli("launch", "--run-dir", run_dir, "--splits", 2, "--set", "train.epochs=4", "--set", "transfer.policy=best",
+            "--set", "transfer.interval=1", "--set", "transfer.min_samples=20", "--set", "checkpoint.every=0",
+            "--no-progress")
     return run_dir

@@ -175,22 +175,29 @@ def test_resume_of_a_directory_that_is_not_a_run(tmp_path):
 
 def test_resume_with_a_changed_config_is_refused_with_a_diff(prepared):
     line = user_error("resume", prepared.path, "--set", "train.lr=0.5", "--set", "transfer.policy=none")
-    assert "train.lr: 0.001 -> 0.5" in line and "transfer.policy: 'best' -> 'none'" in line
+    assert "train.lr: 0.001 -> 0.5" in line and "transfer.policy: 'distill' -> 'none'" in line
     assert "train.epochs" in line  # the keys that are safe to change are named
     assert "lr: 0.001" in prepared.config_file.read_text()
 
 
 @pytest.mark.mpi
-def test_a_diverging_task_never_spreads_nan_and_the_run_still_selects(tmp_path):
+@pytest.mark.parametrize("policy", ["best", "distill"])
+def test_a_diverging_task_never_spreads_nan_and_the_run_still_selects(tmp_path, policy):
     run_dir = tmp_path / "nan"
     run_cli("launch", "--run-dir", run_dir, "--splits", 2, "--set", "train.epochs=4", "--set", "train.optimizer=sgd",
-            "--set", "train.lr=0.05", "--set", "train.lr_scale=[1, 1e12]", "--no-progress")
+            "--set", "train.lr=0.05", "--set", "train.lr_scale=[1, 1e12]", "--set", f"transfer.policy={policy}",
+            "--set", "transfer.interval=1", "--set", "transfer.min_samples=20", "--no-progress")
     m1 = read_jsonl(run_dir / "metrics" / "task-1.jsonl")
     assert any(not np.isfinite(m["train_loss"]) for m in m1), "task 1 should have diverged"
     for m in read_jsonl(run_dir / "metrics" / "task-0.jsonl"):
         assert np.isfinite(m["train_loss"]) and np.isfinite(m["val_loss"])
-    for d in read_jsonl(run_dir / "transfers" / "task-0.jsonl"):
-        assert d["source"] != 1 or d["scores"][1] is not None  # never adopted from a non-finite peer
+    decisions = read_jsonl(run_dir / "transfers" / "task-0.jsonl")
+    assert len(decisions) == 3  # rounds after epochs 1-3
+    for d in decisions:
+        if policy == "best":
+            assert d["source"] != 1 or d["scores"][1] is not None  # never adopted from a non-finite peer
+        else:  # a teacher is never built from a non-finite peer's predictions
+            assert 1 not in d["sources"] or np.isfinite(m1[d["epoch"] - 1]["train_loss"])
     r = result(run_dir)
     chosen = r["candidates"][r["selected"]["index"]]
     assert chosen["finite"] and r["selected"]["test_acc"] > 0.5
@@ -205,6 +212,33 @@ def test_a_crashing_rank_ends_the_mpi_job_promptly_naming_the_task(tmp_path):
     assert proc.returncode != 0 and time.monotonic() - started < 90
     assert "task 1: InjectedCrash" in proc.stderr
     assert "hpc-mto resume" in proc.stderr
+
+
+def processes_mentioning(text: str) -> list[int]:
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if text.encode() in cmdline.read_bytes():
+                found.append(int(cmdline.parent.name))
+        except OSError:
+            continue  # exited while we looked
+    return found
+
+
+@pytest.mark.mpi
+def test_a_frozen_rank_ends_the_job_within_the_heartbeat_timeout_naming_it_and_resume_finishes(tmp_path):
+    """A rank that stops (SIGSTOP: alive but silent, like a rank on a lost node) leaves its peers in
+    an MPI collective; their heartbeat watchdog ends the job, and the frozen rank goes with it."""
+    run_dir = tmp_path / "frozen"
+    started = time.monotonic()
+    proc = run_cli("launch", "--run-dir", run_dir, "--splits", 2, "--set", "train.epochs=3",
+                   "--set", "transfer.heartbeat_timeout=6", "--no-progress",
+                   env={INJECT_ENV: "freeze@step:1:40"}, check=False)
+    assert proc.returncode != 0 and time.monotonic() - started < 120
+    assert "task 1 stopped responding (no heartbeat for 6s" in proc.stderr
+    assert not processes_mentioning(str(run_dir))  # the frozen rank was ended too
+    run_cli("resume", run_dir, "--no-progress")
+    assert result(run_dir)["k"] == 2
 
 
 def test_disk_full_during_a_checkpoint_write_keeps_the_previous_one(tmp_path):

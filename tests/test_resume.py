@@ -22,9 +22,9 @@ pytestmark = pytest.mark.mpi
 
 EPOCHS = 4
 # The shared run's settings (conftest.best_k2): digits' pairwise unseen sets hold ~44 samples, so a
-# lower minimum lets `best` adopt.
+# lower minimum lets `best` adopt. A checkpoint at every epoch end, so older ones exist to go back to.
 COMMON = ["--splits", 2, "--set", f"train.epochs={EPOCHS}", "--set", "transfer.interval=1",
-          "--set", "transfer.min_samples=20", "--no-progress"]
+          "--set", "transfer.min_samples=20", "--set", "checkpoint.every=0", "--no-progress"]
 # Each mode's exact state differs: adopted weights; averaged ones; cached teacher logits and an SWA
 # average; averages pulled in between checkpoints every 7 steps.
 MODES = {"best": ["--set", "transfer.policy=best"],

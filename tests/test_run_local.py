@@ -102,7 +102,7 @@ def test_whole_set_baseline_trains_on_the_whole_pool_with_final_and_swa_candidat
     run_dir = tmp_path / "whole"
     run_cli("launch", "--run-dir", run_dir, "--splits", 1, "--set", "data.val_fraction=0", "--set", "train.epochs=3",
             "--set", "train.swa_epochs=2", "--set", "selection.rule=holdout", "--set", "transfer.policy=none",
-            "--set", "checkpoint.keep=10", "--no-progress")
+            "--set", "checkpoint.keep=10", "--set", "checkpoint.every=0", "--no-progress")
     r = result(run_dir)
     assert [c["kind"] for c in r["candidates"]] == ["final", "swa"] and r["cv_acc"] == []
     s, _ = splits.read(run_dir / "splits.h5")

@@ -12,6 +12,8 @@ import pytest
 import torch
 
 from conftest import HPC_MTO, result, run_cli
+from hpc_mto.faults import ENV as INJECT_ENV
+from hpc_mto.faults import HOLD_DIR_ENV
 
 
 def slurm_reachable() -> bool:
@@ -30,8 +32,8 @@ if not slurm_reachable():
 
 pytestmark = [pytest.mark.slurm, pytest.mark.mpi]
 
-# digits, K=2, batch 4: 8 epochs of 0.3-1.5 s (idle to busy machine), so that a signal or a cancel sent
-# once the first epoch is logged lands mid-run with seconds to spare.
+# digits, K=2, batch 4: 8 epochs of ~243 steps. Drills that act on a live job hold task 0 at a step of
+# its second epoch (faults: hold) until they have acted, however fast the machine.
 CONFIG = ["--splits", 2, "--set", "train.epochs=8", "--set", "train.batch_size=4", "--no-progress"]
 # --time >= 11: at 10 minutes or less submitit counts every USR2 as a time-out.
 SLURM = ["--executor", "slurm", "--partition", "gpu", "--time", 11]
@@ -68,13 +70,23 @@ def logs(run_dir: Path, job: str) -> str:
     return "".join(p.read_text() for p in sorted((run_dir / "slurm").glob(f"{job}_*_log.err")))
 
 
-def wait_for_first_epoch(run_dir: Path, launcher: subprocess.Popen | None = None, timeout: float = 120) -> None:
-    metrics = run_dir / "metrics" / "task-0.jsonl"
-    deadline = time.monotonic() + timeout
-    while not (metrics.exists() and metrics.stat().st_size):
-        assert launcher is None or launcher.poll() is None, launcher.communicate()
-        assert time.monotonic() < deadline, f"no epoch logged within {timeout:.0f}s"
-        time.sleep(0.05)
+class Hold:
+    """Task ``task`` of the job pauses at global step ``step`` until released (faults: hold)."""
+
+    def __init__(self, tmp_path: Path, task: int, step: int):
+        self.dir, self.task = tmp_path / "hold", task
+        self.dir.mkdir()
+        self.env = {INJECT_ENV: f"hold@step:{task}:{step}", HOLD_DIR_ENV: str(self.dir)}
+
+    def wait(self, launcher: subprocess.Popen | None = None, timeout: float = 180) -> None:
+        deadline = time.monotonic() + timeout
+        while not (self.dir / f"held-{self.task}").exists():
+            assert launcher is None or launcher.poll() is None, launcher.communicate()
+            assert time.monotonic() < deadline, f"task {self.task} did not reach its hold within {timeout:.0f}s"
+            time.sleep(0.05)
+
+    def release(self) -> None:
+        (self.dir / "release").touch()
 
 
 def test_gang_launch_trains_on_slurm_and_ends_where_a_local_run_ends(tmp_path, reference):
@@ -105,11 +117,14 @@ def test_array_launch_runs_one_job_per_split_and_ends_where_a_local_run_ends(tmp
 def test_preempted_gang_job_is_requeued_resumes_and_ends_bitwise_where_an_uninterrupted_run_ends(
         tmp_path, reference):
     run_dir = tmp_path / "run"
+    hold = Hold(tmp_path, 0, 400)
     launcher = subprocess.Popen([HPC_MTO, "launch", *map(str, SLURM), "--run-dir", run_dir, *map(str, CONFIG),
-                                 "--wait"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for_first_epoch(run_dir, launcher)
+                                 "--wait"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, **hold.env})
+    hold.wait(launcher)
     [job] = job_ids(run_dir)
     subprocess.run(["scancel", "--signal=USR2", job], check=True)  # what SLURM sends before preemption
+    hold.release()
     out, err = launcher.communicate(timeout=300)
     assert launcher.returncode == 0, out + err
     assert accounting(job) == ["REQUEUED", "COMPLETED"], logs(run_dir, job)
@@ -124,15 +139,17 @@ def test_preempted_gang_job_is_requeued_resumes_and_ends_bitwise_where_an_uninte
 
 def test_status_and_cancel_act_on_a_live_job_and_resume_finishes_the_run(tmp_path, reference):
     run_dir = tmp_path / "run"
-    out = run_cli("launch", *SLURM, "--run-dir", run_dir, *CONFIG).stdout  # returns once submitted
+    hold = Hold(tmp_path, 0, 400)  # task 1 has logged its first epoch by then: it waits at most 10 steps on
+    out = run_cli("launch", *SLURM, "--run-dir", run_dir, *CONFIG, env=hold.env).stdout  # returns once submitted
     [job] = job_ids(run_dir)
     assert f"submitted SLURM job {job}" in out and f"hpc-mto status {run_dir}" in out
-    wait_for_first_epoch(run_dir)
+    hold.wait()
     status = run_cli("status", run_dir).stdout
     assert f"job {job}: RUNNING" in status and re.search(r"^task 1: epoch [1-8]/8 ", status, re.M), status
     refused = run_cli("resume", run_dir, check=False)
     assert refused.returncode == 2 and refused.stderr.startswith(f"hpc-mto: error: run {run_dir} still has")
     assert f"cancelled SLURM job {job}" in run_cli("cancel", run_dir).stdout
+    hold.release()
     deadline = time.monotonic() + 60
     while f"job {job}: CANCELLED" not in run_cli("status", run_dir).stdout:
         assert time.monotonic() < deadline, "the job did not end within 60s of hpc-mto cancel"

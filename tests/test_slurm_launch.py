@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from hpc_mto.cli import main
 from hpc_mto.errors import LaunchError
-from hpc_mto.launch.slurm_queries import NodeKind, parse_gpus
+from hpc_mto.launch.slurm_queries import NodeKind, lost_node, parse_gpus
 from hpc_mto.launch.slurm_request import Request, executor_parameters, layout
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -104,8 +104,15 @@ def test_a_task_no_node_can_hold_is_refused_before_submission():
 
 def test_gang_parameters_make_one_mpi_world_of_exactly_k_tasks():
     p = executor_parameters(Request(partition="gpu"), 5, "hpc-mto-x", 1, [NodeKind(cpus=8, gpus=2)])
-    assert p["additional_parameters"] == {"ntasks": 5} and p["srun_args"] == ["--mpi=pmi2"]
+    assert p["additional_parameters"] == {"ntasks": 5}
+    assert p["srun_args"] == ["--mpi=pmi2", "--kill-on-bad-exit=1"]  # a lost task ends the step
     assert (p["nodes"], p["ntasks_per_node"], p["gpus_per_task"]) == (3, 2, 1)
+
+
+def test_gang_shape_options_are_refused_with_array_jobs(tmp_path):
+    result = cli("launch", "--executor", "slurm", "--dry-run", "--run-dir", tmp_path / "run", "--array",
+                 "--nodes", 2)
+    assert result.exit_code == 2 and "with --array every job is one task on one node" in result.stderr
 
 
 def test_array_parameters_are_one_single_task_job_per_split():
@@ -118,3 +125,19 @@ def test_array_parameters_are_one_single_task_job_per_split():
                                         ("(null)", 0), ("mps:100,gpu:1", 1)])
 def test_gpus_per_node_are_read_from_sinfo_gres(gres, gpus):
     assert parse_gpus(gres) == gpus
+
+
+SRUN_STDERR = """srun: error: n2: task 3: Killed
+srun: launch/slurm: _step_signal: Terminating StepId=6.0
+slurmstepd-n1: error: *** STEP 6.0 ON n1 CANCELLED AT 2026-12-01T12:22:06 ***
+srun: error: n2: task 2: Killed
+srun: error: n1: tasks 0-1: Killed
+"""
+
+
+def test_the_lost_node_and_all_its_tasks_are_read_from_srun_errors():
+    assert lost_node(SRUN_STDERR) == ("n2", [2, 3], "Killed")  # task 2 noticed after the step ended
+    assert lost_node("srun: error: gpu07: task 5: Exited with exit code 1\n") == ("gpu07", [5],
+                                                                                 "Exited with exit code 1")
+    assert lost_node("srun: error: a: tasks 0,2-3: Killed\n")[1] == [0, 2, 3]
+    assert lost_node("all well\n") is None

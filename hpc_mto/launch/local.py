@@ -62,6 +62,35 @@ def worker_pids(roots: list[int]) -> list[int]:
     return [pid for pid in found if is_worker(pid)]
 
 
+class MpichSegments:
+    """The /dev/shm segments this run's ranks have mapped. MPICH unlinks its segment in MPI_Finalize,
+    so every killed local run would leave 2 MiB behind; only what the run's own processes mapped is
+    removed, once they have all exited."""
+
+    PREFIX = "/dev/shm/mpich"
+    EVERY_S = 2.0
+
+    def __init__(self):
+        self.seen: set[str] = set()
+        self._next = 0.0
+
+    def look(self, roots: list[int]) -> None:
+        if time.monotonic() < self._next:
+            return
+        self._next = time.monotonic() + self.EVERY_S
+        for pid in worker_pids(roots):
+            try:
+                maps = Path(f"/proc/{pid}/maps").read_text()
+            except OSError:
+                continue  # exited while we looked
+            self.seen.update(line.split(None, 5)[5] for line in maps.splitlines()
+                             if len(line.split(None, 5)) == 6 and line.split(None, 5)[5].startswith(self.PREFIX))
+
+    def remove_leftovers(self) -> None:
+        for path in self.seen:
+            Path(path).unlink(missing_ok=True)
+
+
 def start(run: RunDir, show_progress: bool | None = None) -> int:
     """Run (or continue) the run to its end; returns the exit status (signals.EXIT_REQUEUE: stopped)."""
     cfg = run.config()
@@ -85,13 +114,16 @@ def start(run: RunDir, show_progress: bool | None = None) -> int:
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     progress = Progress(run, k, enabled=sys.stdout.isatty() if show_progress is None else show_progress)
+    segments = MpichSegments()
     try:
         while any(p.poll() is None for p in procs):
             progress.draw()
+            segments.look([p.pid for p in procs])
             time.sleep(0.2)
         progress.draw(force=True)
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+    segments.remove_leftovers()
     codes = [p.returncode for p in procs]
     return next((c for c in codes if c != 0), 0)

@@ -3,8 +3,10 @@ MPICH needs before a requeued gang can start again. submitit pickles ``SlurmTask
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +35,7 @@ class SlurmTask:
         env = submitit.JobEnvironment()
         log.setup(self.task)
         if self.task is None:
-            drop_stale_mpich_segments()
+            drop_stale_mpich_segments(Path(self.run_dir))
         # A stop signal that lands before the worker installs its handler reaches submitit's: rank 0
         # requeues the job, which restarts from the newest checkpoint; no training is lost.
         code = worker.run(Path(self.run_dir), self.task if self.task is not None else env.global_rank)
@@ -62,25 +64,33 @@ class SlurmTask:
         logger.info(f"requeued job {job_id} (requeue {restarts + 1} of at most {self.max_requeues})")
 
 
-def drop_stale_mpich_segments() -> None:
+def drop_stale_mpich_segments(run_dir: Path) -> None:
     """Remove the MPICH shared-memory files that a killed earlier run of this job step left behind.
 
     MPICH >= 4 names its node-local segment mpich_{shm,vci}_<FNV-1a of the PMI kvsname>_<node>,
     and SLURM's kvsname is "<job id>.<step id>": the same again after a requeue. MPICH unlinks the
     file in MPI_Finalize, so a killed incarnation leaves it, and the next one attaches to stale
-    memory and hangs in MPI_Init. Only files older than the job's start go: a segment that a faster
-    rank of this incarnation just created is never touched. (Other MPIs make no such files.)
+    memory and hangs in MPI_Init. Only files older than the job's start go. The first task of this
+    incarnation on the node does it, under a lock its other tasks wait on: none of them starts MPI
+    while another may still be deleting. (Other MPIs make no such files.)
     """
     job, step = os.environ["SLURM_JOB_ID"], os.environ.get("SLURM_STEP_ID", "0")
-    stale = list(Path("/dev/shm").glob(f"mpich_*_{fnv1a32(f'{job}.{step}'):x}_*"))
-    if not stale:
-        return
-    started = time.mktime(time.strptime(slurm_command("squeue", "-h", "-j", job, "-o", "%S").strip(),
-                                        "%Y-%m-%dT%H:%M:%S"))
-    for path in stale:
-        if path.stat().st_mtime < started:
-            path.unlink(missing_ok=True)
-            logger.info(f"removed {path}, left by a killed earlier run of job {job}")
+    incarnation = f"{job}.{step}.{os.environ.get('SLURM_RESTART_COUNT', '0')}"
+    # Per host: /dev/shm is the node's own, so its tasks share one record of what was cleaned.
+    with open(run_dir / "slurm" / f".shm-cleanup-{socket.gethostname()}", "a+") as record:
+        fcntl.flock(record, fcntl.LOCK_EX)  # released when the file closes
+        record.seek(0)
+        if incarnation in record.read().split():
+            return
+        stale = list(Path("/dev/shm").glob(f"mpich_*_{fnv1a32(f'{job}.{step}'):x}_*"))
+        if stale:
+            started = time.mktime(time.strptime(slurm_command("squeue", "-h", "-j", job, "-o", "%S").strip(),
+                                                "%Y-%m-%dT%H:%M:%S"))
+            for path in stale:
+                if path.stat().st_mtime < started:
+                    path.unlink()
+                    logger.info(f"removed {path}, left by a killed earlier run of job {job}")
+        record.write(incarnation + "\n")
 
 
 def fnv1a32(text: str) -> int:

@@ -93,6 +93,31 @@ def state_line(jid: str, s: JobState) -> str:
     return f"job {jid}: {s.state}{again}"
 
 
+# srun's word on tasks that ended badly: "srun: error: n2: tasks 2-3: Killed"
+SRUN_TASKS_ENDED = re.compile(r"^srun: error: (\S+): tasks? ([0-9,-]+): (.+)$", re.M)
+
+
+def lost_node(srun_log: str) -> tuple[str, list[int], str] | None:
+    """(node, its tasks, how the first one ended) of the node whose task brought a gang step down,
+    from srun's stderr: the first task srun reports. Every task srun reports on that node is counted,
+    the ones it noticed a moment later too (a lost node takes them all at once)."""
+    ended = SRUN_TASKS_ENDED.findall(srun_log)
+    if not ended:
+        return None
+    node, _, how = ended[0]
+    tasks = sorted({t for n, spec, _ in ended if n == node for t in task_range(spec)})
+    return node, tasks, how
+
+
+def task_range(spec: str) -> list[int]:
+    """srun's task list: "3", "2-3", "0,2-3"."""
+    out = []
+    for part in spec.split(","):
+        lo, _, hi = part.partition("-")
+        out += range(int(lo), int(hi or lo) + 1)
+    return out
+
+
 # sacct's states of a job that has ended (a requeued job is back in squeue, pending)
 FINAL_STATES = {"COMPLETED", "CANCELLED", "FAILED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "OUT_OF_MEMORY",
                 "BOOT_FAIL", "DEADLINE"}

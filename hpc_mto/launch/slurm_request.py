@@ -61,6 +61,9 @@ class Request:
         for name in ("cpus_per_task", "time", "nodes", "tasks_per_node"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise LaunchError(f"--{dashed(name)} must be >= 1")
+        if self.array and (self.nodes or self.tasks_per_node):
+            raise LaunchError("--nodes and --tasks-per-node shape a gang job; with --array every job is one "
+                              "task on one node: drop them, or drop --array")
 
 
 def dashed(name: str) -> str:
@@ -121,7 +124,9 @@ def executor_parameters(req: Request, k: int, name: str, threads: int, kinds: li
         # --ntasks bounds the gang to exactly K when nodes x tasks-per-node is larger (SLURM then
         # reads --ntasks-per-node as a maximum); the worker checks the MPI world has K ranks.
         params["additional_parameters"] = {"ntasks": k}
-        params["srun_args"] = [f"--mpi={req.mpi}"]
+        # A task that dies (its node lost, kill -9) must end the step: without this srun waits while
+        # the survivors spin in an MPI collective until the job's time limit.
+        params["srun_args"] = [f"--mpi={req.mpi}", "--kill-on-bad-exit=1"]
     return params
 
 

@@ -49,7 +49,8 @@ def all_states(task):
 
 
 def case_average():
-    task = make_task(["transfer.policy=average"], epochs=1, lr=1e-3)
+    # optimizer_state=copy: the optimizer moments are averaged too, so the whole buffer is the mean
+    task = make_task(["transfer.policy=average", "transfer.optimizer_state=copy"], epochs=1, lr=1e-3)
     layout = BlockLayout(task.model, task.optimizer, ["*"], True)
     buffers = comm.comm.allgather(layout.pack())
     expected = (np.sum(np.stack(buffers).astype(np.float64), axis=0) / comm.size).astype(np.float32)

@@ -96,10 +96,15 @@ def command(run_dir: Path, dataset: str, mode: str, seed: int, extra: list[str])
     return launch_command(run_dir, ds.config, overrides)
 
 
+def finished(run_dir: Path, cmd: list[str]) -> bool:
+    stamp = run_dir / "bench.json"
+    return (run_dir / "result.json").exists() and stamp.exists() and read_json(stamp)["command"] == shell_line(cmd)
+
+
 def ensure_run(run_dir: Path, cmd: list[str]) -> float:
     """Run unless it finished before with the same command; returns its wall time."""
     stamp = run_dir / "bench.json"
-    if (run_dir / "result.json").exists() and stamp.exists() and read_json(stamp)["command"] == shell_line(cmd):
+    if finished(run_dir, cmd):
         return read_json(stamp)["wall_s"]
     shutil.rmtree(run_dir, ignore_errors=True)  # interrupted or changed: start it again from nothing
     t0 = time.perf_counter()
@@ -196,9 +201,9 @@ def mean_or_dash(values, fmt="{:.2f}", scale=1.0) -> str:
 
 # -- tables --------------------------------------------------------------------------------------
 def main_table(group: list[dict]) -> list[str]:
-    lines = ["| mode | output | test acc % | Δ vs whole-set final, 95% CI (points) | estimate − test | "
+    lines = ["| mode | output | seeds | test acc % | Δ vs whole-set final, 95% CI (points) | estimate − test | "
              "log-loss | ECE % | disagreement % | lineages left | wall vs none |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for mode, m in MODES.items():
         runs = [r for r in group if r["mode"] == mode]
         if not runs:
@@ -209,7 +214,7 @@ def main_table(group: list[dict]) -> list[str]:
                 continue
             gaps = [v["estimate_acc"] - v["test_acc"] for v in vals if v["estimate_acc"] is not None]
             lines.append(
-                f"| {m.label} | {LABELS[out]} | {pct([v['test_acc'] for v in vals])} | "
+                f"| {m.label} | {LABELS[out]} | {len(vals)} | {pct([v['test_acc'] for v in vals])} | "
                 f"{paired_vs_baseline(group, mode, out)} | {mean_or_dash(gaps, '{:+.2f}', 100)} "
                 f"(|·| {mean_or_dash([abs(g) for g in gaps], '{:.2f}', 100)}) | "
                 f"{mean_or_dash([v['test_loss'] for v in vals], '{:.3f}')} | "
@@ -289,6 +294,8 @@ def parse(argv) -> argparse.Namespace:
                    help="extra override for every run (tuning variants; the run directory gets --tag)")
     p.add_argument("--tag", default="", help="suffix of the mode names for runs with --set overrides")
     p.add_argument("--runs-dir", type=Path, default=Path("/tmp/bench-runs"), help="scratch run directories")
+    p.add_argument("--finished-only", action="store_true",
+                   help="start no run: read the finished ones among those selected and rewrite the tables")
     return p.parse_args(argv)
 
 
@@ -304,6 +311,10 @@ def main(argv=None) -> None:
     for dataset in args.datasets:
         for seed in args.seeds:
             for mode in args.modes:
+                if args.finished_only:
+                    run_dir = run_dir_for(runs_dir, dataset, mode, seed)
+                    if not finished(run_dir, command(run_dir, dataset, mode, seed, args.extra)):
+                        continue
                 rec = measure(runs_dir, dataset, mode, seed, args.extra)
                 if args.tag:
                     rec = {**rec, "mode": f"{mode}+{args.tag}"}

@@ -6,9 +6,13 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+
+from hpc_mto.faults import ENV as INJECT_ENV
+from hpc_mto.faults import HOLD_DIR_ENV
 
 BIN = Path(sys.executable).parent
 HPC_MTO = str(BIN / "hpc-mto")
@@ -55,3 +59,22 @@ def best_k2(tmp_path_factory):
             "--set", "transfer.interval=1", "--set", "transfer.min_samples=20", "--set", "checkpoint.every=0",
             "--no-progress")
     return run_dir
+
+
+class Hold:
+    """Task ``task`` of the job pauses at global step ``step`` until released (faults: hold)."""
+
+    def __init__(self, tmp_path: Path, task: int, step: int):
+        self.dir, self.task = tmp_path / "hold", task
+        self.dir.mkdir()
+        self.env = {INJECT_ENV: f"hold@step:{task}:{step}", HOLD_DIR_ENV: str(self.dir)}
+
+    def wait(self, launcher: subprocess.Popen | None = None, timeout: float = 180) -> None:
+        deadline = time.monotonic() + timeout
+        while not (self.dir / f"held-{self.task}").exists():
+            assert launcher is None or launcher.poll() is None, launcher.communicate()
+            assert time.monotonic() < deadline, f"task {self.task} did not reach its hold within {timeout:.0f}s"
+            time.sleep(0.05)
+
+    def release(self) -> None:
+        (self.dir / "release").touch()

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import HPC_MTO, read_jsonl, result, run_cli
+from conftest import HPC_MTO, Hold, read_jsonl, result, run_cli
 from hpc_mto import checkpoint
 from hpc_mto.faults import ENV as INJECT_ENV
 from hpc_mto.signals import EXIT_REQUEUE
@@ -130,14 +130,12 @@ def test_damaged_newest_checkpoint_is_reported_and_the_previous_round_used(refer
 
 def test_external_signal_to_the_launcher_stops_resumably_and_resume_is_exact(reference, tmp_path):
     run_dir = tmp_path / "external"
+    hold = Hold(tmp_path, 0, 40)  # in the second epoch (31 steps each)
     proc = subprocess.Popen([HPC_MTO, "launch", "--run-dir", str(run_dir), *MODES["best"], *map(str, COMMON)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    metrics = run_dir / "metrics" / "task-0.jsonl"
-    deadline = time.monotonic() + 120
-    while not (metrics.exists() and metrics.read_text().count("\n") >= 1):
-        assert time.monotonic() < deadline and proc.poll() is None, "no progress"
-        time.sleep(0.05)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **hold.env})
+    hold.wait(proc)
     proc.send_signal(signal.SIGTERM)
+    hold.release()
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == EXIT_REQUEUE, err
     assert not (run_dir / "result.json").exists()

@@ -11,9 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import HPC_MTO, result, run_cli
-from hpc_mto.faults import ENV as INJECT_ENV
-from hpc_mto.faults import HOLD_DIR_ENV
+from conftest import HPC_MTO, Hold, result, run_cli
 
 
 def slurm_reachable() -> bool:
@@ -68,25 +66,6 @@ def accounting(job: str) -> list[str]:
 
 def logs(run_dir: Path, job: str) -> str:
     return "".join(p.read_text() for p in sorted((run_dir / "slurm").glob(f"{job}_*_log.err")))
-
-
-class Hold:
-    """Task ``task`` of the job pauses at global step ``step`` until released (faults: hold)."""
-
-    def __init__(self, tmp_path: Path, task: int, step: int):
-        self.dir, self.task = tmp_path / "hold", task
-        self.dir.mkdir()
-        self.env = {INJECT_ENV: f"hold@step:{task}:{step}", HOLD_DIR_ENV: str(self.dir)}
-
-    def wait(self, launcher: subprocess.Popen | None = None, timeout: float = 180) -> None:
-        deadline = time.monotonic() + timeout
-        while not (self.dir / f"held-{self.task}").exists():
-            assert launcher is None or launcher.poll() is None, launcher.communicate()
-            assert time.monotonic() < deadline, f"task {self.task} did not reach its hold within {timeout:.0f}s"
-            time.sleep(0.05)
-
-    def release(self) -> None:
-        (self.dir / "release").touch()
 
 
 def test_gang_launch_trains_on_slurm_and_ends_where_a_local_run_ends(tmp_path, reference):

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import HPC_MTO, read_jsonl, result, run_cli
-from test_slurm import SLURM, Hold, accounting, assert_same_model, job_ids
+from conftest import HPC_MTO, Hold, read_jsonl, result, run_cli
+from test_slurm import SLURM, accounting, assert_same_model, job_ids
 
 
 def nodes() -> list[str]:

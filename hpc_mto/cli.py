@@ -200,8 +200,10 @@ def status(run_dir):
         for jid, state in slurm_queries.job_states(record.jobs).items():
             click.echo(slurm_queries.state_line(jid, state))
             log = run.slurm_dir / f"{jid}_0_log.err"  # the batch step's stderr: srun reports there
-            lost = slurm_queries.lost_node(log.read_text(errors="replace") if log.is_file() else "")
-            if lost and not state.live:
+            if state.live or not log.is_file():
+                continue
+            lost = slurm_queries.lost_node(log.read_text(errors="replace"))
+            if lost:
                 node, tasks, how = lost
                 click.echo(f"job {jid}: node {node} (task{'s' * (len(tasks) > 1)} {', '.join(map(str, tasks))}) "
                            f"ended the run ({how}); the other tasks were stopped with them. Continue with: "

@@ -2,6 +2,7 @@
 times with different seeds; each run, resumed once, ends bitwise where an uninterrupted run ends."""
 
 import random
+from pathlib import Path
 
 import pytest
 
@@ -28,9 +29,12 @@ def test_a_rank_killed_at_a_random_step_resumes_to_the_same_bits(seed, reference
     rng = random.Random(seed)
     task, step = rng.randrange(2), rng.randrange(1, EPOCHS * STEPS_PER_EPOCH)
     run_dir = tmp_path / "killed"
+    segments_before = set(Path("/dev/shm").glob("mpich*"))
     killed = run_cli("launch", "--run-dir", run_dir, *CONFIG, env={INJECT_ENV: f"kill@step:{task}:{step}"},
                      check=False)
     assert killed.returncode != 0 and not (run_dir / "result.json").exists(), killed.stderr
+    # No rank finalized MPI, so none unlinked its shared-memory segment: the launcher removed them.
+    assert set(Path("/dev/shm").glob("mpich*")) <= segments_before
     run_cli("resume", run_dir, "--no-progress")
     assert outcome(run_dir) == outcome(reference)
     assert same_model(run_dir, reference)

@@ -65,26 +65,34 @@ def worker_pids(roots: list[int]) -> list[int]:
 class MpichSegments:
     """The /dev/shm segments this run's ranks have mapped. MPICH unlinks its segment in MPI_Finalize,
     so every killed local run would leave 2 MiB behind; only what the run's own processes mapped is
-    removed, once they have all exited."""
+    removed, once they have all exited.
+
+    A rank maps its segment in MPI_Init and keeps it: once each of the ``ranks`` has been seen with
+    one, nothing more is read (reading /proc every few seconds for the whole run would cost the
+    launcher CPU beside the training it waits for)."""
 
     PREFIX = "/dev/shm/mpich"
     EVERY_S = 2.0
 
-    def __init__(self):
+    def __init__(self, ranks: int):
+        self.ranks = ranks
         self.seen: set[str] = set()
+        self.found_in: set[int] = set()
         self._next = 0.0
 
     def look(self, roots: list[int]) -> None:
-        if time.monotonic() < self._next:
+        if len(self.found_in) >= self.ranks or time.monotonic() < self._next:
             return
         self._next = time.monotonic() + self.EVERY_S
-        for pid in worker_pids(roots):
+        for pid in set(worker_pids(roots)) - self.found_in:
             try:
                 maps = Path(f"/proc/{pid}/maps").read_text()
             except OSError:
                 continue  # exited while we looked
-            self.seen.update(line.split(None, 5)[5] for line in maps.splitlines()
-                             if len(line.split(None, 5)) == 6 and line.split(None, 5)[5].startswith(self.PREFIX))
+            paths = {line[line.index(self.PREFIX):] for line in maps.splitlines() if self.PREFIX in line}
+            if paths:
+                self.seen |= paths
+                self.found_in.add(pid)
 
     def remove_leftovers(self) -> None:
         for path in self.seen:
@@ -114,7 +122,7 @@ def start(run: RunDir, show_progress: bool | None = None) -> int:
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     progress = Progress(run, k, enabled=sys.stdout.isatty() if show_progress is None else show_progress)
-    segments = MpichSegments()
+    segments = MpichSegments(k if cfg.transfer.backend == "mpi" else 0)  # the file exchange runs no MPI
     try:
         while any(p.poll() is None for p in procs):
             progress.draw()

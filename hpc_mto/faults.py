@@ -2,7 +2,9 @@
 
 ``HPC_MTO_INJECT="KIND@POINT:TASK:INDEX,..."`` fires a fault when task TASK reaches INDEX at POINT:
 - POINT ``step`` (global step, after that step), ``transfer`` (round index, as the round starts),
-  ``checkpoint`` (global step, as the checkpoint is written);
+  ``checkpoint`` (global step, as the checkpoint is written), ``start`` (before MPI starts; the index
+  is the SLURM step of the job, 0 outside SLURM: ``kill@start:1:0`` is a rank dying in the first
+  start of its MPI world, as MPI_Init failures do);
 - KIND ``signal`` sends the task its first checkpoint signal (the real handler runs), ``crash`` raises,
   ``freeze`` stops the process (SIGSTOP: alive but silent, like a rank on a lost node), ``kill``
   kills it outright (SIGKILL: no handler, no cleanup, like the OOM killer or a node's power),
@@ -27,6 +29,17 @@ HOLD_LIMIT_S = 600
 
 class InjectedCrash(RuntimeError):
     pass
+
+
+def rank_from_env(task: int | None) -> int:
+    """The task before MPI has said which rank it is: the launcher's rank variable (srun, mpiexec)."""
+    if task is not None:
+        return task
+    return int(os.environ.get("SLURM_PROCID", os.environ.get("PMI_RANK", 0)))
+
+
+def attempt_from_env() -> int:
+    return int(os.environ.get("SLURM_STEP_ID", 0))
 
 
 def _parse(spec: str) -> list[tuple[str, str, int, int]]:

@@ -15,6 +15,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import h5py
@@ -26,7 +27,7 @@ from . import splits as splits_mod
 from .atomic import atomic_path
 from .comm import connect
 from .errors import DataError, PeerMissing, UserError
-from .faults import Faults
+from .faults import Faults, attempt_from_env, rank_from_env
 from .heartbeat import Heartbeat
 from .records import MetricsLine, ModelInfo, Timing
 from .rundir import RunDir
@@ -52,7 +53,7 @@ def pick_device(name: str) -> torch.device:
 
 
 class Worker:
-    def __init__(self, run_dir: Path, task_index: int | None = None):
+    def __init__(self, run_dir: Path, task_index: int | None = None, on_world_up: Callable[[], None] | None = None):
         self.run = RunDir(run_dir).require()
         self.cfg = cfg = self.run.config()
         torch.set_num_threads(cfg.train.threads)  # part of exactness: thread count changes the bits
@@ -61,6 +62,10 @@ class Worker:
                             cfg.transfer.peer_timeout, fallback)
         self.index = self.comm.rank
         log.setup(self.index)
+        if on_world_up is not None and self.comm.synchronous:
+            self.comm.barrier()  # every rank has joined: a failure from here on is not a start-up failure
+            if self.index == 0:
+                on_world_up()
         self.heartbeat = None
         if self.comm.synchronous and self.comm.size > 1 and cfg.transfer.heartbeat_timeout > 0:
             # The latest start time of the ranks names this launch: every rank computes the same one.
@@ -230,14 +235,17 @@ def _save_state(path: Path, state: dict[str, torch.Tensor]) -> None:
         torch.save(state, tmp)
 
 
-def run(run_dir: Path, task_index: int | None = None) -> int:
+def run(run_dir: Path, task_index: int | None = None, on_world_up: Callable[[], None] | None = None) -> int:
+    """One task's whole life; the exit status. ``on_world_up`` is called on rank 0 once every rank of
+    an MPI world has joined (a SLURM gang's batch script starts the tasks again if that never happens)."""
     log.setup(task_index)
     worker = None
     try:
         # Handlers first: a signal during start-up (data loading, MPI init) must take the same
         # every-rank checkpoint path, not submitit's rank-0-only handler.
         stop = StopFlag(RunDir(run_dir).require().config().checkpoint.signals)
-        worker = Worker(run_dir, task_index)
+        Faults(rank_from_env(task_index), stop.send_to_self).fire("start", attempt_from_env())
+        worker = Worker(run_dir, task_index, on_world_up)
         worker.restore()
         if not worker.train(stop):
             logger.info(f"stopped by signal {stop.received}: checkpoint written, exiting (status {EXIT_REQUEUE})")

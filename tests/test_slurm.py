@@ -118,7 +118,8 @@ def test_preempted_gang_job_is_requeued_resumes_and_ends_bitwise_where_an_uninte
 
 def test_status_and_cancel_act_on_a_live_job_and_resume_finishes_the_run(tmp_path, reference):
     run_dir = tmp_path / "run"
-    hold = Hold(tmp_path, 0, 400)  # task 1 has logged its first epoch by then: it waits at most 10 steps on
+    # Task 0 holds in its second epoch; task 1, at most 10 steps ahead of it, has logged its first.
+    hold = Hold(tmp_path, 0, 400)
     out = run_cli("launch", *SLURM, "--run-dir", run_dir, *CONFIG, env=hold.env).stdout  # returns once submitted
     [job] = job_ids(run_dir)
     assert f"submitted SLURM job {job}" in out and f"hpc-mto status {run_dir}" in out
@@ -138,4 +139,20 @@ def test_status_and_cancel_act_on_a_live_job_and_resume_finishes_the_run(tmp_pat
     out = run_cli("resume", run_dir, "--wait", "--no-progress").stdout
     [again] = job_ids(run_dir)
     assert again != job and f"job {again}: COMPLETED" in out
+    assert_same_model(run_dir, reference)
+
+
+def test_a_gang_whose_mpi_world_does_not_come_up_starts_again_and_ends_where_a_local_run_ends(tmp_path, reference):
+    """Rank 1 dies before it joins MPI in the job's first step, as a rank whose MPI_Init fails does: the
+    batch script starts the tasks again in a new step of the same job, and the run finishes as if
+    nothing had happened. (A failure once the world is up is not repeated: test_slurm_nodes.)"""
+    run_dir = tmp_path / "run"
+    run_cli("launch", *SLURM, "--run-dir", run_dir, *CONFIG, "--wait", env={"HPC_MTO_INJECT": "kill@start:1:0"})
+    [job] = job_ids(run_dir)
+    assert accounting(job) == ["COMPLETED"]
+    assert "the MPI world did not come up (srun exit" in logs(run_dir, job)
+    out = subprocess.run(["sacct", "-n", "-P", "-o", "JobID,State", "-j", job], capture_output=True, text=True,
+                         check=True).stdout
+    steps = dict(line.split("|") for line in out.splitlines())
+    assert steps[f"{job}.0"] != "COMPLETED" and steps[f"{job}.1"] == "COMPLETED", steps
     assert_same_model(run_dir, reference)

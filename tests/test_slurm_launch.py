@@ -1,6 +1,7 @@
 """The SLURM launcher without a cluster: the sbatch script it generates, the names it lets through,
 and how it derives the job's shape from the request."""
 
+import subprocess
 import sys
 from pathlib import Path
 
@@ -10,7 +11,8 @@ from click.testing import CliRunner
 from hpc_mto.cli import main
 from hpc_mto.errors import LaunchError
 from hpc_mto.launch.slurm_queries import NodeKind, lost_node, parse_gpus
-from hpc_mto.launch.slurm_request import Request, executor_parameters, layout
+from hpc_mto.launch.slurm_request import (MPI_START_ATTEMPTS, Request, executor_parameters, layout,
+                                         mpi_start_retry)
 
 GOLDEN = Path(__file__).parent / "golden"
 
@@ -103,7 +105,7 @@ def test_a_task_no_node_can_hold_is_refused_before_submission():
 
 
 def test_gang_parameters_make_one_mpi_world_of_exactly_k_tasks():
-    p = executor_parameters(Request(partition="gpu"), 5, "hpc-mto-x", 1, [NodeKind(cpus=8, gpus=2)])
+    p = executor_parameters(Request(partition="gpu"), 5, "hpc-mto-x", 1, [NodeKind(cpus=8, gpus=2)], Path("s"))
     assert p["additional_parameters"] == {"ntasks": 5}
     assert p["srun_args"] == ["--mpi=pmi2", "--kill-on-bad-exit=1"]  # a lost task ends the step
     assert (p["nodes"], p["ntasks_per_node"], p["gpus_per_task"]) == (3, 2, 1)
@@ -116,9 +118,44 @@ def test_gang_shape_options_are_refused_with_array_jobs(tmp_path):
 
 
 def test_array_parameters_are_one_single_task_job_per_split():
-    p = executor_parameters(Request(array=True, gpus_per_task=0), 4, "hpc-mto-x", 3, None)
+    p = executor_parameters(Request(array=True, gpus_per_task=0), 4, "hpc-mto-x", 3, None, Path("s"))
     assert (p["nodes"], p["ntasks_per_node"], p["cpus_per_task"]) == (1, 1, 3)  # CPUs default to threads
-    assert not {"srun_args", "additional_parameters", "gpus_per_task"} & p.keys()
+    assert not {"srun_args", "additional_parameters", "gpus_per_task", "setup"} & p.keys()
+
+
+FAKE_SRUN = """#!/bin/bash
+# What the batch script's srun would do, one line of $PLAN per call: fail before the MPI world is up,
+# fail after it is up, or succeed.
+n=$(( $(cat "$CALLS" 2>/dev/null || echo 0) + 1 )); echo $n > "$CALLS"; echo "$@" >> "$CALLS.args"
+case $(sed -n ${n}p "$PLAN") in
+  fail) exit 7;;
+  fail-up) touch "$HPC_MTO_MPI_UP"; exit 9;;
+  *) touch "$HPC_MTO_MPI_UP"; exit 0;;
+esac
+"""
+
+
+@pytest.mark.parametrize("plan, calls, rc", [
+    (["fail", "ok"], 2, 0),                # a failed start is tried again, and the run goes on
+    (["fail", "fail", "fail", "ok"], MPI_START_ATTEMPTS, 7),  # at most this many times
+    (["fail-up", "ok"], 1, 9),             # a failure once the world is up is the run's own: not repeated
+    (["ok"], 1, 0),
+])
+def test_the_batch_script_starts_the_tasks_again_only_while_their_mpi_world_has_not_come_up(
+        tmp_path, plan, calls, rc):
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "srun").write_text(FAKE_SRUN)
+    (tmp_path / "bin" / "srun").chmod(0o755)
+    (tmp_path / "plan").write_text("\n".join(plan) + "\n")
+    script = "\n".join([*mpi_start_retry(tmp_path / "slurm"), "srun --mpi=pmi2 'two words'", "echo rc=$?"])
+    env = {"PATH": f"{tmp_path / 'bin'}:/usr/bin:/bin", "SLURM_JOB_ID": "42", "PLAN": str(tmp_path / "plan"),
+           "CALLS": str(tmp_path / "calls")}
+    (tmp_path / "slurm").mkdir()
+    done = subprocess.run(["bash", "-c", script], capture_output=True, text=True, env=env)
+    assert done.stdout == f"rc={rc}\n"
+    assert int((tmp_path / "calls").read_text()) == calls
+    assert (tmp_path / "calls.args").read_text() == "--mpi=pmi2 two words\n" * calls  # arguments kept
+    assert done.stderr.count("the MPI world did not come up (srun exit 7)") == calls - 1
 
 
 @pytest.mark.parametrize("gres, gpus", [("gpu:2", 2), ("gpu:a100:4(S:0-1)", 4), ("gpu:a:2,gpu:b:1", 3),

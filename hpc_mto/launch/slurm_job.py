@@ -18,6 +18,9 @@ from .slurm_queries import job_states, slurm_command
 
 logger = logging.getLogger(__name__)
 
+# Set by a gang's batch script (slurm_request.mpi_start_retry): the file that says the MPI world is up.
+MPI_UP_ENV = "HPC_MTO_MPI_UP"
+
 
 @dataclass(frozen=True)
 class SlurmTask:
@@ -38,7 +41,9 @@ class SlurmTask:
             drop_stale_mpich_segments(Path(self.run_dir))
         # A stop signal that lands before the worker installs its handler reaches submitit's: rank 0
         # requeues the job, which restarts from the newest checkpoint; no training is lost.
-        code = worker.run(Path(self.run_dir), self.task if self.task is not None else env.global_rank)
+        world_up = os.environ.get(MPI_UP_ENV)
+        code = worker.run(Path(self.run_dir), self.task if self.task is not None else env.global_rank,
+                          on_world_up=(lambda: Path(world_up).touch()) if world_up else None)
         if code == EXIT_REQUEUE and env.global_rank == 0:
             self.requeue(env.job_id)
         if code != 0:
@@ -70,7 +75,9 @@ def drop_stale_mpich_segments(run_dir: Path) -> None:
     MPICH >= 4 names its node-local segment mpich_{shm,vci}_<FNV-1a of the PMI kvsname>_<node>,
     and SLURM's kvsname is "<job id>.<step id>": the same again after a requeue. MPICH unlinks the
     file in MPI_Finalize, so a killed incarnation leaves it, and the next one attaches to stale
-    memory and hangs in MPI_Init. Only files older than the job's start go. The first task of this
+    memory and hangs in MPI_Init. Only files older than the job's start go, and those of the job's
+    earlier steps (the batch script starts a step again when MPI did not come up, and they run one
+    after another, so an earlier step has certainly ended). The first task of this
     incarnation on the node does it, under a lock its other tasks wait on: none of them starts MPI
     while another may still be deleting. (Other MPIs make no such files.)
     """
@@ -82,6 +89,10 @@ def drop_stale_mpich_segments(run_dir: Path) -> None:
         record.seek(0)
         if incarnation in record.read().split():
             return
+        for earlier in range(int(step)):
+            for path in Path("/dev/shm").glob(f"mpich_*_{fnv1a32(f'{job}.{earlier}'):x}_*"):
+                path.unlink(missing_ok=True)
+                logger.info(f"removed {path}, left by step {job}.{earlier}")
         stale = list(Path("/dev/shm").glob(f"mpich_*_{fnv1a32(f'{job}.{step}'):x}_*"))
         if stale:
             started = time.mktime(time.strptime(slurm_command("squeue", "-h", "-j", job, "-o", "%S").strip(),

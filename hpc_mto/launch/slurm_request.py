@@ -15,6 +15,7 @@ from ..config import Config
 from ..errors import LaunchError
 from ..rundir import RunDir
 from ..signals import parse_signal
+from .slurm_job import MPI_UP_ENV
 from .slurm_queries import NodeKind, partition_nodes, require, slurm_command
 
 # Everything that reaches an #SBATCH line. submitit shell-quotes values, but a newline would still
@@ -109,7 +110,12 @@ def layout(k: int, req: Request, cpus_per_task: int, kinds: list[NodeKind] | Non
     return nodes, per_node
 
 
-def executor_parameters(req: Request, k: int, name: str, threads: int, kinds: list[NodeKind] | None) -> dict:
+# How often the batch script starts a gang's tasks when their MPI world does not come up.
+MPI_START_ATTEMPTS = 3
+
+
+def executor_parameters(req: Request, k: int, name: str, threads: int, kinds: list[NodeKind] | None,
+                        slurm_dir: Path) -> dict:
     """The submitit SlurmExecutor parameters of a run (one array job's, in array mode)."""
     cpus = req.cpus_per_task or threads
     nodes, per_node = layout(k, req, cpus, kinds)
@@ -127,14 +133,42 @@ def executor_parameters(req: Request, k: int, name: str, threads: int, kinds: li
         # A task that dies (its node lost, kill -9) must end the step: without this srun waits while
         # the survivors spin in an MPI collective until the job's time limit.
         params["srun_args"] = [f"--mpi={req.mpi}", "--kill-on-bad-exit=1"]
+        params["setup"] = mpi_start_retry(slurm_dir)
     return params
+
+
+def mpi_start_retry(slurm_dir: Path) -> list[str]:
+    """sbatch lines that start the gang's tasks again, in the same allocation, when their MPI world
+    did not come up.
+
+    MPICH under srun --mpi=pmi2 sometimes fails in MPI_Init across nodes (a malformed PMI request,
+    then a UCX assertion), about one start in ten on the CI cluster; a rank that dies then ends the
+    step, and the job would fail. Rank 0 touches $HPC_MTO_MPI_UP once every rank is in the world
+    (worker.Worker), so a step that fails without it failed to start, and a new step (a new PMI
+    name space) is tried. A failure after that is the run's own and is not repeated here.
+    """
+    n = MPI_START_ATTEMPTS
+    return [f"# hpc-mto: start the tasks again (at most {n} times) while their MPI world does not come up;",
+            f"# rank 0 creates ${MPI_UP_ENV} once every rank has joined it.",
+            f"export {MPI_UP_ENV}={shlex.quote(str(slurm_dir))}/.mpi-up-$SLURM_JOB_ID",
+            "srun() {",
+            "  local attempt rc",
+            f"  for attempt in $(seq {n}); do",
+            f'    rm -f "${MPI_UP_ENV}"',
+            '    command srun "$@"; rc=$?',
+            f'    if [ $rc = 0 ] || [ -e "${MPI_UP_ENV}" ] || [ $attempt = {n} ]; then return $rc; fi',
+            f'    echo "hpc-mto: the MPI world did not come up (srun exit $rc): starting the tasks again,'
+            f' attempt $((attempt + 1)) of {n}" >&2',
+            "  done",
+            "}"]
 
 
 def plan(cfg: Config, req: Request, run_path: Path) -> dict:
     """Executor parameters for a run, asking sinfo only where the layout must be derived."""
     needs_sinfo = not req.array and not (req.nodes or req.tasks_per_node)
     kinds = partition_nodes(req.partition) if needs_sinfo else None
-    return executor_parameters(req, cfg.splits, job_name(run_path), cfg.train.threads, kinds)
+    return executor_parameters(req, cfg.splits, job_name(run_path), cfg.train.threads, kinds,
+                               RunDir(run_path).slurm_dir.absolute())
 
 
 def sbatch_script(params: dict, run_path: Path, req: Request, k: int) -> str:

@@ -160,8 +160,10 @@ def submitted(run: RunDir, ids: list[str], wait: bool, progress) -> None:
               help="Change a key that is safe to change on resume (e.g. train.epochs).")
 @click.option("--wait", is_flag=True, help="SLURM runs: follow the resubmitted job until it ends.")
 @click.option("--progress/--no-progress", default=None)
+@click.option("--allow-code-change", is_flag=True,
+              help="Continue although the code of model.factory changed since the run started.")
 @user_errors
-def resume(run_dir, overrides, wait, progress):
+def resume(run_dir, overrides, wait, progress, allow_code_change):
     """Continue a stopped run from the newest checkpoint every task completed (a SLURM run is
     resubmitted with the resources it was launched with)."""
     from .launch import local
@@ -176,6 +178,8 @@ def resume(run_dir, overrides, wait, progress):
         if record is not None:
             slurm.refuse_if_live(run, record)  # before touching config.yaml under a running job
         run.update_config(list(overrides))
+        for key in run.code.check_unchanged(allow_code_change):
+            click.echo(f"continuing with the changed code of {key} (--allow-code-change)")
         if record is not None:
             ids = slurm.submit(run, record)
         else:

@@ -28,8 +28,8 @@ def _opt(default, help: str, choices: tuple | Callable[[], tuple] | None = None)
     meta = {"help": help}
     if choices:
         meta["choices"] = choices
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=meta)
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
 
 
@@ -49,7 +49,10 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = _opt("mlp", "network", MODELS.names)
+    name: str = _opt("mlp", "network: a built-in, or a name an installed package registers", MODELS.names)
+    factory: str | None = _opt(None, 'your own network: "package.module:function" taking (input_shape, '
+                                     "num_classes, **model.kwargs) and returning a torch.nn.Module; replaces name")
+    kwargs: dict = _opt({}, "keyword arguments of model.factory (or of a registered name)")
     width: int = _opt(128, "hidden units (mlp) or channels (cnn1d)")
     depth: int = _opt(2, "hidden layers (mlp)")
     shared_init: bool = _opt(False, "every task starts from the same initial weights (seed only)")
@@ -181,6 +184,12 @@ class Config:
         for ok, rule in rules + self._combination_rules():
             if not ok:
                 raise ConfigError(f"invalid config: {rule}")
+        if self.model.factory is not None:
+            from .factories import check_spec
+
+            check_spec("model.factory", self.model.factory)
+        if not all(isinstance(k, str) for k in self.model.kwargs):
+            raise ConfigError("invalid config: model.kwargs must map argument names to values")
         from .signals import parse_signal  # late import: signals imports nothing from config
 
         for name in self.checkpoint.signals:
@@ -250,7 +259,7 @@ def valid_keys(obj=None, prefix: str = "") -> list[str]:
 
 def _coerce(key: str, value: Any, hint: Any, default: Any) -> Any:
     """Check one leaf value against its declared type; ints are accepted where floats are."""
-    expected = {"str": str, "int": int, "float": float, "bool": bool, "list": list}
+    expected = {"str": str, "int": int, "float": float, "bool": bool, "list": list, "dict": dict}
     hint_s = str(hint)
     if value is None and "None" in hint_s:
         return None

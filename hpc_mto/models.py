@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from .config import ModelConfig
-from .errors import DataError
+from .errors import ConfigError, DataError
+from .factories import resolve
 from .registry import MODELS
 
 
@@ -80,14 +81,37 @@ def cnn1d(cfg: ModelConfig, shape, classes) -> nn.Module:
     return ConvBase1d(shape, classes, cfg.width)
 
 
+def user_code(cfg: ModelConfig) -> str | None:
+    """The "module:function" of the user's network (a factory or an installed package's name), if any."""
+    if cfg.factory:
+        return cfg.factory
+    return None if MODELS.is_builtin(cfg.name) else MODELS.spec(cfg.name)
+
+
 def build(cfg: ModelConfig, input_shape: tuple, num_classes: int) -> nn.Module:
-    model = MODELS.get(cfg.name)(cfg, tuple(input_shape), num_classes)
+    """The configured network, checked on two zero samples: it must be an ``nn.Module`` giving one
+    logit per class, or the run stops here with one line."""
+    spec = user_code(cfg)
+    if spec:
+        key, what = ("model.factory", cfg.factory) if cfg.factory else (f"model.name={cfg.name}", cfg.name)
+        try:
+            model = resolve(key, spec)(tuple(input_shape), num_classes, **cfg.kwargs)
+        except TypeError as exc:  # most often model.kwargs naming an argument the function lacks
+            raise ConfigError(f"invalid config: {key} failed when called as f(input_shape={tuple(input_shape)}, "
+                              f"num_classes={num_classes}, **{cfg.kwargs}): {exc}") from None
+        if not isinstance(model, nn.Module):
+            raise ConfigError(f"invalid config: {key} returned a {type(model).__name__}, not a torch.nn.Module")
+    else:
+        what = cfg.name
+        model = MODELS.get(cfg.name)(cfg, tuple(input_shape), num_classes)
     model.eval()
     with torch.no_grad():
         try:
             out = model(torch.zeros(2, *input_shape))
         except RuntimeError as exc:
-            raise DataError(f"model {cfg.name} cannot take samples of shape {tuple(input_shape)}: "
+            raise DataError(f"model {what} cannot take samples of shape {tuple(input_shape)}: "
                             f"{str(exc).splitlines()[0]}") from None
-    assert out.shape == (2, num_classes), out.shape
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes):
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise DataError(f"model {what} gives {got} for 2 samples; it must give one logit per class: (2, {num_classes})")
     return model

@@ -12,15 +12,32 @@ from typing import Callable
 
 
 class Registry:
-    def __init__(self, kind: str, entries: dict[str, str]):
+    """Built-in entries, plus (with ``group``) the names installed packages register under that
+    entry-point group; a package's entry is a factory ``(input_shape, num_classes, **kwargs)``."""
+
+    def __init__(self, kind: str, entries: dict[str, str], group: str | None = None):
         self.kind = kind
+        self.group = group
         self._entries = dict(entries)
 
+    def installed(self) -> dict[str, str]:
+        if self.group is None:
+            return {}
+        from .factories import entry_points
+
+        return {name: spec for name, spec in entry_points(self.group).items() if name not in self._entries}
+
     def names(self) -> tuple[str, ...]:
-        return tuple(self._entries)
+        return tuple(self._entries) + tuple(self.installed())
+
+    def is_builtin(self, name: str) -> bool:
+        return name in self._entries
+
+    def spec(self, name: str) -> str:
+        return self._entries.get(name) or self.installed()[name]
 
     def get(self, name: str) -> Callable:
-        module, _, attr = self._entries[name].partition(":")
+        module, _, attr = self.spec(name).partition(":")
         return getattr(importlib.import_module(module), attr)
 
 
@@ -40,4 +57,4 @@ MODELS = Registry("model", {
     "cnn1d": "hpc_mto.models:cnn1d",
     "lenet": "hpc_mto.models:lenet",
     "resnet18": "hpc_mto.models:resnet18",
-})
+}, group="hpc_mto.models")

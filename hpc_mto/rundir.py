@@ -29,6 +29,7 @@ from pathlib import Path
 from . import config as config_mod
 from .atomic import write_text
 from .errors import ConfigError, RunDirError
+from .factories import CodeRecord
 from .records import JobsRecord, MetricsLine, RecordLog, Result, TransferDecision
 
 
@@ -56,6 +57,7 @@ class RunDir:
     jobs_file = property(lambda self: self.path / "slurm" / "jobs.json")
     report_dir = property(lambda self: self.path / "report")
     lock_file = property(lambda self: self.path / ".lock")
+    code = property(lambda self: CodeRecord(self.path / "code"))  # the user's factory code, as at the start
 
     def member_file(self, task: int) -> Path:
         """Task ``task``'s network in the K-model ensemble (its ``selection.member`` snapshot)."""

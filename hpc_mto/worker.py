@@ -56,6 +56,7 @@ class Worker:
     def __init__(self, run_dir: Path, task_index: int | None = None, on_world_up: Callable[[], None] | None = None):
         self.run = RunDir(run_dir).require()
         self.cfg = cfg = self.run.config()
+        self.run.code.check_unchanged()  # a requeue after an edit of the user's model must not go on silently
         torch.set_num_threads(cfg.train.threads)  # part of exactness: thread count changes the bits
         fallback = transfer.CheckpointFallback(self.run.checkpoints, cfg.transfer)
         self.comm = connect(cfg.transfer.backend, cfg.splits, task_index, self.run.exchange,

@@ -76,7 +76,7 @@ def reset_peak() -> None:
 
 
 def mpiexec(k: int, *args: str) -> None:
-    from hpc_mto.launch.local import find_mpiexec
+    from hpc_mto.launchers.local import find_mpiexec
 
     run_cli([find_mpiexec(), "-n", str(k), sys.executable, __file__, *args], env={"PYTHONUNBUFFERED": "1"})
 

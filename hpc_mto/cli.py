@@ -7,13 +7,14 @@ import functools
 import os
 import shutil
 import sys
+from pathlib import Path
 
 import click
 
 from . import config as config_mod
 from . import log
 from .errors import LaunchError, UserError
-from .launch import slurm, slurm_queries, slurm_request
+from .launchers import slurm, slurm_queries, slurm_request
 from .rundir import RunDir
 from .signals import EXIT_REQUEUE
 
@@ -105,7 +106,7 @@ def launch(config_file, overrides, splits, run_dir, executor, dry_run, wait, pro
     stray = [f"--{key.replace('_', '-')}" for key in given({**slurm_opts, "dry_run": dry_run})]
     if stray:
         raise UserError(f"{', '.join(stray)}: only for --executor slurm")
-    from .launch import local
+    from .launchers import local
     from .prepare import prepare
 
     cfg = config_mod.load(config_file, overrides)
@@ -166,7 +167,7 @@ def submitted(run: RunDir, ids: list[str], wait: bool, progress) -> None:
 def resume(run_dir, overrides, wait, progress, allow_code_change):
     """Continue a stopped run from the newest checkpoint every task completed (a SLURM run is
     resubmitted with the resources it was launched with)."""
-    from .launch import local
+    from .launchers import local
 
     run = RunDir(run_dir).require()
     if run.finished and not overrides:
@@ -195,7 +196,7 @@ def resume(run_dir, overrides, wait, progress, allow_code_change):
 @user_errors
 def status(run_dir):
     """Where a run stands: the SLURM state of its jobs and each task's progress."""
-    from .launch.progress import task_line
+    from .launchers.progress import task_line
 
     run = RunDir(run_dir).require()
     record = run.jobs()
@@ -234,6 +235,33 @@ def cancel(run_dir):
     ids = slurm.cancel(record)
     click.echo(f"cancelled SLURM job {', '.join(ids)}" if ids else
                f"nothing to cancel: no job of run {run.path} is pending or running")
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.argument("input_file", type=click.Path(dir_okay=False))
+@click.option("--ensemble/--single", default=None,
+              help="The K-model ensemble or the single selected network (default: the run's chosen output).")
+@click.option("--preprocessed", is_flag=True, help="The samples are already preprocessed as in training.")
+@click.option("--out", type=click.Path(dir_okay=False), help="Write logits and classes here (.npz).")
+@user_errors
+def predict(run_dir, input_file, ensemble, preprocessed, out):
+    """Classify the samples in INPUT_FILE (array x in .npz or .h5, or a tensor in .pt) with a finished run."""
+    import numpy as np
+
+    from .api import Run, read_samples
+
+    run = Run(run_dir)
+    logits = run.predict(read_samples(Path(input_file)), ensemble=ensemble, preprocessed=preprocessed)
+    classes = logits.argmax(1)
+    if out:
+        from .atomic import atomic_path
+
+        with atomic_path(Path(out)) as tmp, open(tmp, "wb") as f:
+            np.savez(f, logits=logits, classes=classes)
+        click.echo(f"{len(classes)} samples -> {out} (logits, classes)")
+    else:
+        click.echo("\n".join(map(str, classes.tolist())))
 
 
 @main.command("report")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
 
@@ -31,6 +31,9 @@ class Dataset:
     num_classes: int
     test_source: str  # "official" or "carved"
     test_index: np.ndarray | None = None  # positions in the original array when carved
+    # How x was made from the dataset's stored values (in the network's layout): (raw / divide - mean) / std
+    # in float32, mean and std per channel (axis 1) or None. In model.json, so that predict takes raw samples.
+    preprocessing: dict = field(default_factory=lambda: {"divide": 1.0, "mean": None, "std": None})
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -61,7 +64,9 @@ def digits(cfg: DataConfig) -> Dataset:
 
     d = load_digits()
     x = (d.data.astype(np.float32) / 16.0).reshape(-1, 1, 8, 8)
-    return _carve_test(x, d.target.astype(np.int64), cfg.test_fraction, 10)
+    ds = _carve_test(x, d.target.astype(np.int64), cfg.test_fraction, 10)
+    ds.preprocessing["divide"] = 16.0
+    return ds
 
 
 def _cache_dir() -> Path:
@@ -115,7 +120,10 @@ def _torchvision(cls_name: str, channels_mean_std: bool):
             std = x.std(axis=(0, 2, 3), keepdims=True)
             x, xt = (x - mean) / std, (xt - mean) / std
         num_classes = len(getattr(train, "classes", [])) or int(y.max()) + 1
-        return Dataset(np.ascontiguousarray(x), y, np.ascontiguousarray(xt), yt, num_classes, "official")
+        preprocessing = {"divide": 255.0, "mean": mean.ravel().tolist() if channels_mean_std else None,
+                         "std": std.ravel().tolist() if channels_mean_std else None}
+        return Dataset(np.ascontiguousarray(x), y, np.ascontiguousarray(xt), yt, num_classes, "official",
+                       preprocessing=preprocessing)
 
     return load
 

@@ -30,9 +30,7 @@ class Ensemble(torch.nn.Module):
 
 
 def _info(run: RunDir) -> ModelInfo:
-    if not run.model_file.is_file() or not run.model_info.is_file():
-        raise RunDirError(f"{run.path} has no output model (model.pt, model.json): the run has not finished")
-    return ModelInfo.read(run.model_info)
+    return run.model_record()
 
 
 def _network(info: ModelInfo, path: Path) -> torch.nn.Module:

@@ -307,6 +307,7 @@ class ModelInfo(Record):
     num_classes: int
     output: str = "single"  # the run's output kind; "ensemble": load the members, not model.pt
     ensemble: list[str] = field(default_factory=list)  # member files, relative to the run directory
+    preprocessing: dict[str, Any] | None = None  # data.Dataset.preprocessing; None: written before 0.3
 
 
 @dataclass

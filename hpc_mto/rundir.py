@@ -30,7 +30,7 @@ from . import config as config_mod
 from .atomic import write_text
 from .errors import ConfigError, RunDirError
 from .factories import CodeRecord
-from .records import JobsRecord, MetricsLine, RecordLog, Result, TransferDecision
+from .records import JobsRecord, MetricsLine, ModelInfo, RecordLog, Result, TransferDecision
 
 
 class RunDir:
@@ -83,6 +83,12 @@ class RunDir:
 
     def result(self) -> Result:
         return Result.read(self.result_file)
+
+    def model_record(self) -> ModelInfo:
+        """model.json: how to rebuild the output network; refused while the run has none."""
+        if not self.model_file.is_file() or not self.model_info.is_file():
+            raise RunDirError(f"{self.path} has no output model (model.pt, model.json): the run has not finished")
+        return ModelInfo.read(self.model_info)
 
     def jobs(self) -> JobsRecord | None:
         """The SLURM submission record, or None for a run that was not launched on SLURM."""

@@ -97,6 +97,7 @@ class Worker:
         self.exchange = transfer.Exchange(self.task, self.comm, cfg.transfer, judge)
         self.metrics, self.transfers = self.run.metrics(self.index), self.run.transfers(self.index)
         self.fingerprint = attrs["data_fingerprint"]
+        self.preprocessing = ds.preprocessing
         self.num_classes = int(attrs["num_classes"])
         self.times = {"train": 0.0, "transfer": 0.0, "eval": 0.0, "checkpoint": 0.0}
         self.saved_at = time.monotonic()  # of the newest checkpoint (or the start): checkpoint.every
@@ -220,8 +221,8 @@ class Worker:
         _save_state(self.run.model_file, concluded.network)
         ModelInfo(model=dict(vars(self.cfg.model)), candidate=concluded.network_id,
                   input_shape=list(self.task.train.x.shape[1:]), num_classes=self.num_classes, output=result.output,
-                  ensemble=[str(self.run.member_file(t).relative_to(self.run.path)) for t in range(self.cfg.splits)]
-                  ).write(self.run.model_info)
+                  ensemble=[str(self.run.member_file(t).relative_to(self.run.path)) for t in range(self.cfg.splits)],
+                  preprocessing=self.preprocessing).write(self.run.model_info)
         result.timing = Timing(per_task=times, total={key: sum(t[key] for t in times) for key in times[0]})
         with atomic_path(self.run.result_h5) as tmp, h5py.File(tmp, "w") as f:
             f.create_dataset("cv_acc", data=np.asarray(result.cv_acc))

@@ -10,8 +10,8 @@ from click.testing import CliRunner
 
 from hpc_mto.cli import main
 from hpc_mto.errors import LaunchError
-from hpc_mto.launch.slurm_queries import NodeKind, lost_node, parse_gpus
-from hpc_mto.launch.slurm_request import (MPI_START_ATTEMPTS, Request, executor_parameters, layout,
+from hpc_mto.launchers.slurm_queries import NodeKind, lost_node, parse_gpus
+from hpc_mto.launchers.slurm_request import (MPI_START_ATTEMPTS, Request, executor_parameters, layout,
                                          mpi_start_retry)
 
 GOLDEN = Path(__file__).parent / "golden"

@@ -1,0 +1,98 @@
+"""The Python API: hpc_mto.launch, hpc_mto.Run, and predictions on raw samples."""
+
+import numpy as np
+import pytest
+import torch
+
+import hpc_mto
+from conftest import run_cli
+from hpc_mto import data
+from hpc_mto.api import _named_factories
+from hpc_mto.errors import ConfigError, RunDirError
+from hpc_mto.faults import ENV as INJECT_ENV
+from hpc_mto.signals import EXIT_REQUEUE
+
+CONFIG = {"splits": 2, "train": {"epochs": 2}, "transfer": {"interval": 1}, "checkpoint": {"every": 0}}
+
+
+def local_function():
+    pass
+
+
+def test_a_module_level_function_becomes_its_name_and_anything_else_is_refused():
+    named = _named_factories({"model": {"factory": data.digits, "kwargs": {}}})
+    assert named["model"] == {"factory": "hpc_mto.data:digits", "kwargs": {}}
+
+    def closure(input_shape, num_classes):
+        pass
+
+    for factory, what in [(lambda s, c: None, "got a lambda"), (closure, "got a closure")]:
+        with pytest.raises(ConfigError, match=f"must be a module-level function .* fresh interpreters .*; {what}"):
+            _named_factories({"model": {"factory": factory}})
+    local_function.__module__ = "__main__"
+    with pytest.raises(ConfigError, match="got a function defined in __main__"):
+        _named_factories({"model": {"factory": local_function}})
+
+
+def test_slurm_options_are_refused_for_a_local_launch(tmp_path):
+    with pytest.raises(ConfigError, match="partition: only for executor='slurm'"):
+        hpc_mto.launch(CONFIG, run_dir=tmp_path / "run", partition="gpu")
+    with pytest.raises(ConfigError, match="valid SLURM options: partition, array"):
+        hpc_mto.launch(CONFIG, run_dir=tmp_path / "run", executor="slurm", partitoin="gpu")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    return hpc_mto.launch(CONFIG, run_dir=tmp_path_factory.mktemp("api") / "run")
+
+
+@pytest.mark.mpi
+def test_launch_trains_and_the_run_predicts_raw_samples_as_in_training(trained):
+    run = trained
+    assert run.status()["state"] == "finished" and run.status()["epochs_done"] == 2
+    result = run.result
+    ds = data.load(run.config.data)
+    raw = np.rint(ds.x_test * 16).astype(np.int64)  # digits as scikit-learn stores them: 0..16
+    # The single network on raw samples gives the bits it gives on the loader's preprocessed ones.
+    single = run.predict(raw, ensemble=False)
+    assert np.array_equal(single, run.load_model()(torch.from_numpy(ds.x_test)).detach().numpy())
+    # The run's chosen output, on raw samples, scores what the run recorded for it on the test set.
+    chosen = run.predict(raw)
+    assert abs((chosen.argmax(1) == ds.y_test).mean() - result.outputs[result.output].test_acc) < 1e-9
+    ensemble = run.load_ensemble()
+    assert np.allclose(run.predict(raw, ensemble=True), ensemble(torch.from_numpy(ds.x_test)).detach().numpy())
+    with pytest.raises(Exception, match=r"samples of shape \(64,\); this network takes \(1, 8, 8\)"):
+        run.predict(raw.reshape(len(raw), 64))
+
+
+@pytest.mark.mpi
+def test_a_stopped_run_raises_says_where_it_stands_and_resumes_through_the_api(tmp_path, monkeypatch):
+    monkeypatch.setenv(INJECT_ENV, "signal@step:0:40")
+    with pytest.raises(hpc_mto.RunFailed, match="stopped with a checkpoint") as stopped:
+        hpc_mto.launch(CONFIG, run_dir=tmp_path / "run")
+    assert stopped.value.exit_code == EXIT_REQUEUE
+    run = hpc_mto.Run(tmp_path / "run")
+    assert run.status()["state"] == "stopped"
+    with pytest.raises(RunDirError, match="has not finished: no result yet"):
+        run.result
+    monkeypatch.delenv(INJECT_ENV)
+    assert run.resume().status()["state"] == "finished" and run.result.k == 2
+
+
+@pytest.mark.mpi
+def test_hpc_mto_predict_classifies_a_file_of_raw_samples_like_the_api(trained, tmp_path):
+    run = trained
+    raw = np.rint(data.load(run.config.data).x_test * 16).astype(np.int64)[:50]
+    np.savez(tmp_path / "x.npz", x=raw)
+    torch.save(torch.from_numpy(raw), tmp_path / "x.pt")
+    out = run_cli("predict", run.path, tmp_path / "x.npz", "--single", "--out", tmp_path / "p.npz").stdout
+    assert out.strip() == f"50 samples -> {tmp_path / 'p.npz'} (logits, classes)"
+    with np.load(tmp_path / "p.npz") as p:
+        assert np.array_equal(p["logits"], run.predict(raw, ensemble=False))
+        assert np.array_equal(p["classes"], p["logits"].argmax(1))
+    printed = run_cli("predict", run.path, tmp_path / "x.pt").stdout.split()
+    assert printed == [str(c) for c in run.predict(raw).argmax(1)]
+    bad = run_cli("predict", run.path, tmp_path / "p.npz", check=False)
+    assert bad.returncode == 2 and bad.stderr == f"hpc-mto: error: {tmp_path / 'p.npz'} has no array x (found: " \
+                                                 "logits, classes)\n"

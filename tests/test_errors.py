@@ -128,8 +128,9 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(case, files, tmp_path):
     assert not Path(files["tmp"], "pwned").exists()
 
 
-def test_errors_from_a_real_process_have_no_traceback(tmp_path):
-    proc = subprocess.run([HPC_MTO, "launch", "--set", "transfer.policy=greedy"], capture_output=True, text=True)
+@pytest.mark.parametrize("command", [[HPC_MTO], [sys.executable, "-m", "hpc_mto"]])
+def test_errors_from_a_real_process_have_no_traceback(tmp_path, command):
+    proc = subprocess.run([*command, "launch", "--set", "transfer.policy=greedy"], capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "hpc-mto: error: invalid config: transfer.policy='greedy'; valid: none, best, interpolate, average, distill"]

@@ -178,3 +178,15 @@ def test_the_lost_node_and_all_its_tasks_are_read_from_srun_errors():
                                                                                  "Exited with exit code 1")
     assert lost_node("srun: error: a: tasks 0,2-3: Killed\n")[1] == [0, 2, 3]
     assert lost_node("all well\n") is None
+
+
+@pytest.mark.parametrize("text, minutes", [("90", 90), ("1:30", 2), ("1:30:00", 90), ("2-00:00:00", 2880),
+                                           ("1-12", 2160), ("0-0:45", 45), (120, 120)])
+def test_time_takes_slurms_formats_in_whole_minutes(text, minutes):
+    assert Request(time=text).minutes == minutes
+
+
+@pytest.mark.parametrize("text", ["1h", "1:2:3:4", "-5", "0", "0:00:30x"])
+def test_a_time_slurm_would_not_read_is_refused(text):
+    with pytest.raises(LaunchError, match="--time"):
+        Request(time=text)

@@ -42,7 +42,8 @@ class Request:
     gpus_per_task: int = _opt(1, "GPUs per task (0 for CPU partitions)")
     cpus_per_task: int | None = _opt(None, "CPUs per task (default: train.threads)")
     mem: str | None = _opt(None, "memory per node, e.g. 16G")
-    time: int = _opt(60, "time limit per job in minutes; a job at its limit checkpoints and requeues")
+    time: str = _opt("60", "time limit per job: minutes (90) or SLURM's [D-]HH:MM:SS (1:30:00, 2-00:00:00); "
+                           "a job at its limit checkpoints and requeues")
     nodes: int | None = _opt(None, "nodes of the gang job (default: as few as the tasks fit on)")
     tasks_per_node: int | None = _opt(None, "tasks per node (default: as many as a node's GPUs and CPUs hold)")
     account: str | None = _opt(None, "account to charge")
@@ -59,12 +60,38 @@ class Request:
         for name in ("gpus_per_task", "max_requeues"):
             if getattr(self, name) < 0:
                 raise LaunchError(f"--{dashed(name)} must be >= 0")
-        for name in ("cpus_per_task", "time", "nodes", "tasks_per_node"):
+        object.__setattr__(self, "time", str(self.time))  # jobs.json of hpc-mto < 0.3 holds an int
+        if self.minutes < 1:
+            raise LaunchError("--time must be at least 1 minute")
+        for name in ("cpus_per_task", "nodes", "tasks_per_node"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise LaunchError(f"--{dashed(name)} must be >= 1")
         if self.array and (self.nodes or self.tasks_per_node):
             raise LaunchError("--nodes and --tasks-per-node shape a gang job; with --array every job is one "
                               "task on one node: drop them, or drop --array")
+
+
+    @property
+    def minutes(self) -> int:
+        return slurm_minutes(self.time)
+
+
+SLURM_TIME = re.compile(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?")
+
+
+def slurm_minutes(text: str) -> int:
+    """SLURM's time formats (M, M:S, H:M:S, D-H, D-H:M, D-H:M:S) in whole minutes, seconds rounded up."""
+    m = SLURM_TIME.fullmatch(text.strip())
+    if not m:
+        raise LaunchError(f"invalid --time {text!r}: use minutes (90), HH:MM:SS (1:30:00) or D-HH:MM:SS (2-00:00:00)")
+    days, a, b, c = m.groups()
+    if days is not None:  # D-H[:M[:S]]
+        minutes, seconds = int(days) * 1440 + int(a) * 60 + int(b or 0), int(c or 0)
+    elif c is not None:  # H:M:S
+        minutes, seconds = int(a) * 60 + int(b), int(c)
+    else:  # M or M:S
+        minutes, seconds = int(a), int(b or 0)
+    return minutes + math.ceil(seconds / 60)
 
 
 def dashed(name: str) -> str:
@@ -119,7 +146,7 @@ def executor_parameters(req: Request, k: int, name: str, threads: int, kinds: li
     """The submitit SlurmExecutor parameters of a run (one array job's, in array mode)."""
     cpus = req.cpus_per_task or threads
     nodes, per_node = layout(k, req, cpus, kinds)
-    params = {"job_name": name, "time": req.time, "nodes": nodes, "ntasks_per_node": per_node,
+    params = {"job_name": name, "time": req.minutes, "nodes": nodes, "ntasks_per_node": per_node,
               "cpus_per_task": cpus}
     for key in ("partition", "mem", "account", "qos", "constraint"):
         if getattr(req, key) is not None:

@@ -36,6 +36,9 @@ def _opt(default, help: str, choices: tuple | Callable[[], tuple] | None = None)
 @dataclass
 class DataConfig:
     name: str = _opt("digits", "dataset", DATASETS.names)
+    factory: str | None = _opt(None, 'your own data: "package.module:function" returning a map-style train '
+                                     "Dataset, or (train, test), with labels in .targets; replaces name")
+    kwargs: dict = _opt({}, "keyword arguments of data.factory")
     data_root: str | None = _opt(None, "directory holding pre-staged torchvision datasets")
     path: str | None = _opt(None, "file for the npz/hdf5 datasets: arrays x, y (optionally x_test, y_test)")
     download: bool = _opt(False, "let torchvision download into data_root when files are missing")
@@ -184,12 +187,13 @@ class Config:
         for ok, rule in rules + self._combination_rules():
             if not ok:
                 raise ConfigError(f"invalid config: {rule}")
-        if self.model.factory is not None:
-            from .factories import check_spec
+        from .factories import check_spec
 
-            check_spec("model.factory", self.model.factory)
-        if not all(isinstance(k, str) for k in self.model.kwargs):
-            raise ConfigError("invalid config: model.kwargs must map argument names to values")
+        for section in ("model", "data"):
+            if getattr(self, section).factory is not None:
+                check_spec(f"{section}.factory", getattr(self, section).factory)
+            if not all(isinstance(k, str) for k in getattr(self, section).kwargs):
+                raise ConfigError(f"invalid config: {section}.kwargs must map argument names to values")
         from .signals import parse_signal  # late import: signals imports nothing from config
 
         for name in self.checkpoint.signals:

@@ -194,12 +194,56 @@ cifar100 = _torchvision("CIFAR100", channels_mean_std=True)
 
 
 def load(cfg: DataConfig) -> Dataset:
-    ds = DATASETS.get(cfg.name)(cfg)
+    ds = from_factory(cfg) if cfg.factory else DATASETS.get(cfg.name)(cfg)
     for name, arr in (("inputs", ds.x), ("test inputs", ds.x_test)):
         if not np.all(np.isfinite(arr)):
             bad = int(np.sum(~np.isfinite(arr)))
-            raise DataError(f"dataset {cfg.name}: {bad} non-finite values (NaN/Inf) in the {name}")
+            raise DataError(f"dataset {cfg.factory or cfg.name}: {bad} non-finite values (NaN/Inf) in the {name}")
     return ds
+
+
+def from_factory(cfg: DataConfig) -> Dataset:
+    """The user's map-style dataset(s), read once into memory (the same fast path as the built-ins):
+    ``data.factory(**data.kwargs)`` returns a train Dataset, or (train, test). Each item is
+    ``(sample, label)``; the labels are read from ``.targets`` (or ``.labels``) without touching the
+    samples, and a dataset without a test split gets one carved off like the built-ins."""
+    from .factories import resolve
+
+    key = f"data.factory={cfg.factory!r}"
+    try:
+        made = resolve("data.factory", cfg.factory)(**cfg.kwargs)
+    except TypeError as exc:
+        raise DataError(f"{key} failed when called with **{cfg.kwargs}: {exc}") from None
+    train, test = made if isinstance(made, tuple) and len(made) == 2 else (made, None)
+    (x, y) = _materialize(key, "train", train)
+    test_arrays = None if test is None else _materialize(key, "test", test)
+    num_classes = max(len(getattr(train, "classes", []) or []), int(y.max()) + 1)
+    if test_arrays is None:
+        return _carve_test(x, y, cfg.test_fraction, num_classes)
+    xt, yt = test_arrays
+    if xt.shape[1:] != x.shape[1:] or yt.max() >= num_classes:
+        raise DataError(f"{key}: the test set's samples {xt.shape[1:]} / labels up to {yt.max()} do not match the "
+                        f"train set's {x.shape[1:]} / {num_classes} classes")
+    return Dataset(x, y, xt, yt, num_classes, "official")
+
+
+def _materialize(key: str, which: str, ds) -> tuple[np.ndarray, np.ndarray]:
+    if not (hasattr(ds, "__getitem__") and hasattr(ds, "__len__")):
+        raise DataError(f"{key} returned a {type(ds).__name__} as the {which} set; it must return a map-style "
+                        "torch.utils.data.Dataset (with __getitem__ and __len__), or a (train, test) pair of them")
+    labels = getattr(ds, "targets", getattr(ds, "labels", None))
+    if labels is None:
+        raise DataError(f"{key}: the {which} set has no .targets (or .labels): hpc-mto draws stratified splits from "
+                        "the labels without reading every sample")
+    y = np.asarray(labels)
+    if len(ds) == 0 or y.shape != (len(ds),) or not np.issubdtype(y.dtype, np.integer) or y.min() < 0:
+        raise DataError(f"{key}: the {which} set's .targets must be {len(ds)} integer labels 0..C-1, "
+                        f"got shape {y.shape}, dtype {y.dtype}")
+    first = ds[0]
+    if not (isinstance(first, (tuple, list)) and len(first) >= 2):
+        raise DataError(f"{key}: an item of the {which} set is a {type(first).__name__}; it must be (sample, label)")
+    x = np.stack([np.asarray(ds[i][0], dtype=np.float32) for i in range(len(ds))])
+    return np.ascontiguousarray(x), y.astype(np.int64)
 
 
 def fingerprint(ds: Dataset) -> str:

@@ -19,7 +19,7 @@ def prepare(run: RunDir, cfg: Config) -> None:
     net = models.build(cfg.model, ds.input_shape, ds.num_classes)  # shape errors before any job starts
     check_blocks(cfg.transfer.blocks, net.state_dict())
     run.create(cfg)
-    run.code.write({"model.factory": models.user_code(cfg.model)})
+    run.code.write({"model.factory": models.user_code(cfg.model), "data.factory": cfg.data.factory})
     splits.write(run.splits_file, s, {"data_fingerprint": data.fingerprint(ds), "seed": cfg.seed,
                                       "num_classes": ds.num_classes, "input_shape": list(ds.input_shape)})
 

@@ -40,7 +40,8 @@ class RunDir:
     @staticmethod
     def default_path(cfg: config_mod.Config) -> Path:
         """``runs/<time>-<dataset>-k<K>-<policy>`` under the working directory."""
-        return Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.data.name}-k{cfg.splits}-{cfg.transfer.policy}"
+        data = cfg.data.factory.rpartition(":")[2] if cfg.data.factory else cfg.data.name
+        return Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{data}-k{cfg.splits}-{cfg.transfer.policy}"
 
     # -- layout ------------------------------------------------------------------------------
     config_file = property(lambda self: self.path / "config.yaml")

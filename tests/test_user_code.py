@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from conftest import run_cli
-from hpc_mto import models
-from hpc_mto.config import ModelConfig, build
+from hpc_mto import data, models
+from hpc_mto.config import DataConfig, ModelConfig, build
 from hpc_mto.errors import ConfigError, DataError
 from hpc_mto.faults import ENV as INJECT_ENV
 from hpc_mto.signals import EXIT_REQUEUE
@@ -22,7 +22,8 @@ from test_resume import outcome, same_model
 EXAMPLES = Path(__file__).parent.parent / "examples"
 FACTORY = "mto_example.models:residual_mlp"
 CONFIG = ["--splits", 2, "--set", "train.epochs=3", "--set", "transfer.interval=1", "--set", "checkpoint.every=0",
-          "--set", f"model.factory={FACTORY}", "--set", "model.kwargs={hidden: 32, blocks: 1}", "--no-progress"]
+          "--set", f"model.factory={FACTORY}", "--set", "model.kwargs={hidden: 32, blocks: 1}",
+          "--set", "data.factory=mto_example.data:blobs", "--set", "data.kwargs={n: 1000}", "--no-progress"]
 
 
 @pytest.fixture
@@ -65,6 +66,46 @@ def test_a_factory_that_cannot_make_the_network_is_one_clear_error(user_module, 
         models.build(factory(spec, **kwargs), (1, 8, 8), 10)
 
 
+@pytest.fixture
+def user_data(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "user_data.py").write_text(
+        "import torch\n"
+        "class Items(torch.utils.data.Dataset):\n"
+        "    def __init__(self, labels, with_targets=True):\n"
+        "        self.items = labels\n"
+        "        if with_targets:\n"
+        "            self.targets = labels\n"
+        "    def __len__(self):\n"
+        "        return len(self.items)\n"
+        "    def __getitem__(self, i):\n"
+        "        return torch.full((3,), float(i)), self.items[i]\n"
+        "def good():\n"
+        "    return Items([0, 1, 2, 1] * 10), Items([2, 1, 0])\n"
+        "def a_number():\n"
+        "    return 3\n"
+        "def float_labels():\n"
+        "    return Items([0.5, 1.0] * 10)\n"
+        "def no_targets():\n"
+        "    return Items([0, 1] * 10, with_targets=False)\n")
+
+
+def test_a_data_factory_is_read_into_memory_with_its_labels(user_data):
+    ds = data.load(DataConfig(factory="user_data:good"))
+    assert ds.x.shape == (40, 3) and ds.x[5].tolist() == [5.0, 5.0, 5.0] and ds.y.tolist() == [0, 1, 2, 1] * 10
+    assert ds.x_test.shape == (3, 3) and ds.num_classes == 3 and ds.test_source == "official"
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("user_data:a_number", "returned a int as the train set; it must return a map-style torch.utils.data.Dataset"),
+    ("user_data:float_labels", r"\.targets must be 20 integer labels 0..C-1, got shape \(20,\), dtype float64"),
+    ("user_data:no_targets", r"has no \.targets \(or \.labels\)"),
+])
+def test_a_data_factory_whose_dataset_cannot_be_used_is_one_clear_error(user_data, spec, message):
+    with pytest.raises(DataError, match=message):
+        data.load(DataConfig(factory=spec))
+
+
 @pytest.mark.parametrize("spec", ["user_nets", "user_nets.ok", "user nets:ok", "user_nets:ok:x", "1abc:f"])
 def test_a_malformed_factory_is_refused_when_the_config_is_read(spec):
     with pytest.raises(ConfigError, match='expected "package.module:function"'):
@@ -99,8 +140,8 @@ def test_a_user_network_trains_on_k2_ranks_stops_resumes_bitwise_and_loads(refer
     assert stopped.returncode == EXIT_REQUEUE, stopped.stderr
     run_cli("resume", run_dir, "--no-progress", env=env)
     assert outcome(run_dir) == outcome(reference) and same_model(run_dir, reference)
-    code = (run_dir / "code" / "model-factory.py").read_text()
-    assert code == (EXAMPLES / "mto_example" / "models.py").read_text()
+    for key, module in (("model-factory", "models"), ("data-factory", "data")):
+        assert (run_dir / "code" / f"{key}.py").read_text() == (EXAMPLES / "mto_example" / f"{module}.py").read_text()
     # The selected model loads as the user's network, with its kwargs.
     proc = subprocess.run([sys.executable, "-c", "import sys; from hpc_mto.model_io import load_selected; "
                            "net = load_selected(sys.argv[1]); print(type(net[2]).__module__, net[1].out_features)",

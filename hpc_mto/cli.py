@@ -264,6 +264,23 @@ def predict(run_dir, input_file, ensemble, preprocessed, out):
         click.echo("\n".join(map(str, classes.tolist())))
 
 
+@main.command("export")
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--format", "fmt", type=click.Choice(["torch-export", "onnx"]), default="torch-export",
+              show_default=True, help="torch.export program (.pt2) or ONNX (needs hpc-mto[onnx]).")
+@click.option("--ensemble/--single", default=None,
+              help="The K-model ensemble or the single selected network (default: the run's chosen output).")
+@click.option("--out", type=click.Path(dir_okay=False),
+              help="Output file (default: RUN_DIR/model.pt2 or ensemble.pt2).")
+@user_errors
+def export_command(run_dir, fmt, ensemble, out):
+    """Write a finished run's output in a format other tools load without hpc-mto."""
+    from .export import export
+
+    path = export(Path(run_dir), fmt, Path(out) if out else None, ensemble)
+    click.echo(f"wrote {path} ({fmt}; takes preprocessed samples, see model.json)")
+
+
 @main.command("report")
 @click.argument("run_dirs", nargs=-1, required=True, type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON (for scripts) instead of tables.")

@@ -1,11 +1,13 @@
-"""The Python API: hpc_mto.launch, hpc_mto.Run, and predictions on raw samples."""
+"""The Python API: hpc_mto.launch, hpc_mto.Run, predictions on raw samples, and export."""
+
+import importlib.util
 
 import numpy as np
 import pytest
 import torch
+from conftest import run_cli
 
 import hpc_mto
-from conftest import run_cli
 from hpc_mto import data
 from hpc_mto.api import _named_factories
 from hpc_mto.errors import ConfigError, RunDirError
@@ -96,3 +98,20 @@ def test_hpc_mto_predict_classifies_a_file_of_raw_samples_like_the_api(trained, 
     bad = run_cli("predict", run.path, tmp_path / "p.npz", check=False)
     assert bad.returncode == 2 and bad.stderr == f"hpc-mto: error: {tmp_path / 'p.npz'} has no array x (found: " \
                                                  "logits, classes)\n"
+
+
+@pytest.mark.mpi
+def test_hpc_mto_export_writes_a_program_that_gives_the_in_process_logits(trained, tmp_path):
+    out = run_cli("export", trained.path, "--single", "--out", tmp_path / "m.pt2").stdout
+    assert out.startswith(f"wrote {tmp_path / 'm.pt2'} (torch-export")
+    x = torch.from_numpy(data.load(trained.config.data).x_test[:7])
+    exported = torch.export.load(str(tmp_path / "m.pt2")).module()
+    assert torch.equal(exported(x), trained.load_model()(x))  # any batch size: 7 was never seen
+    run_cli("export", trained.path, "--ensemble")
+    ensemble = torch.export.load(str(trained.path / "ensemble.pt2")).module()
+    assert torch.equal(ensemble(x), trained.load_ensemble()(x))
+    if importlib.util.find_spec("onnx") and importlib.util.find_spec("onnxscript"):
+        return  # the optional extra is installed: the message below is for when it is not
+    missing = run_cli("export", trained.path, "--format", "onnx", check=False)
+    assert missing.returncode == 2 and missing.stderr == ("hpc-mto: error: --format onnx needs the onnx and onnxscript "
+                                                          "packages: pip install 'hpc-mto[onnx]'\n")

@@ -57,14 +57,18 @@ def source(spec: str) -> dict:
     module_name = spec.partition(":")[0]
     module = sys.modules.get(module_name) or importlib.import_module(module_name)
     file = Path(getattr(module, "__file__", "") or "")
-    version = getattr(module, "__version__", None)
+    top = module_name.split(".")[0]
+    version = getattr(module, "__version__", None) or getattr(sys.modules.get(top), "__version__", None)
     if version is None:
         try:
             version = importlib.metadata.version(module_name.split(".")[0])
         except importlib.metadata.PackageNotFoundError:
             version = None
     digest = hashlib.sha256(file.read_bytes()).hexdigest() if file.is_file() else None
-    return {"spec": spec, "module": module_name, "file": str(file), "sha256": digest, "version": version}
+    from .provenance import git_commit
+
+    return {"spec": spec, "module": module_name, "file": str(file), "sha256": digest, "version": version,
+            "git_commit": git_commit(file) if digest else None}
 
 
 class CodeRecord:

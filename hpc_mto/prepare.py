@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import fnmatch
 
-from . import data, models, splits
+from . import data, models, provenance, splits
 from .blocks import select_names
 from .config import Config
 from .errors import ConfigError
@@ -20,6 +20,7 @@ def prepare(run: RunDir, cfg: Config) -> None:
     check_blocks(cfg.transfer.blocks, net.state_dict())
     run.create(cfg)
     run.code.write({"model.factory": models.user_code(cfg.model), "data.factory": cfg.data.factory})
+    provenance.write_launch(run.provenance_file)
     splits.write(run.splits_file, s, {"data_fingerprint": data.fingerprint(ds), "seed": cfg.seed,
                                       "num_classes": ds.num_classes, "input_shape": list(ds.input_shape)})
 

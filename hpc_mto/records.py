@@ -286,6 +286,7 @@ class Result(Record):
     test_acc_mean: float  # mean over the tasks' final weights
     test_acc_best_single: float  # the best candidate by test accuracy: hindsight, for comparison only
     timing: Timing | None = None
+    provenance: dict[str, Any] | None = None  # provenance.finished(): versions, hosts, command, times
 
     def summary_line(self, run_path: Path | str) -> str:
         out, sel = self.outputs[self.output], self.selected

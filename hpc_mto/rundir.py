@@ -58,6 +58,7 @@ class RunDir:
     jobs_file = property(lambda self: self.path / "slurm" / "jobs.json")
     report_dir = property(lambda self: self.path / "report")
     lock_file = property(lambda self: self.path / ".lock")
+    provenance_file = property(lambda self: self.path / "provenance.json")
     code = property(lambda self: CodeRecord(self.path / "code"))  # the user's factory code, as at the start
 
     def member_file(self, task: int) -> Path:

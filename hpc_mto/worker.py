@@ -13,6 +13,7 @@ import argparse
 import logging
 import math
 import os
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -22,7 +23,7 @@ import h5py
 import numpy as np
 import torch
 
-from . import checkpoint, data, log, selection, transfer
+from . import checkpoint, data, log, provenance, selection, transfer
 from . import splits as splits_mod
 from .atomic import atomic_path
 from .comm import connect
@@ -211,9 +212,10 @@ class Worker:
         _save_state(self.run.member_file(self.index), scored.member)
         self.times["eval"] += time.perf_counter() - t0
         # Also a barrier: past it every member file is written, so result.json never precedes one.
-        times = self.comm.allgather("final-times", self.times)
+        gathered = self.comm.allgather("final-times", {"times": self.times, "host": socket.gethostname()})
         if self.index != 0:
             return
+        times = [g["times"] for g in gathered]
         t0 = time.perf_counter()
         concluded = selection.conclude(self.task, self.sets, scored)
         times[0]["eval"] += time.perf_counter() - t0
@@ -224,6 +226,8 @@ class Worker:
                   ensemble=[str(self.run.member_file(t).relative_to(self.run.path)) for t in range(self.cfg.splits)],
                   preprocessing=self.preprocessing).write(self.run.model_info)
         result.timing = Timing(per_task=times, total={key: sum(t[key] for t in times) for key in times[0]})
+        result.provenance = provenance.finished(self.run.provenance_file, [g["host"] for g in gathered],
+                                                self.run.code.factories())
         with atomic_path(self.run.result_h5) as tmp, h5py.File(tmp, "w") as f:
             f.create_dataset("cv_acc", data=np.asarray(result.cv_acc))
             f.create_dataset("cv_loss", data=np.asarray([[math.inf if x is None else x for x in row]

@@ -1,6 +1,7 @@
 """The Python API: hpc_mto.launch, hpc_mto.Run, predictions on raw samples, and export."""
 
 import importlib.util
+import socket
 
 import numpy as np
 import pytest
@@ -54,6 +55,11 @@ def test_launch_trains_and_the_run_predicts_raw_samples_as_in_training(trained):
     run = trained
     assert run.status()["state"] == "finished" and run.status()["epochs_done"] == 2
     result = run.result
+    # Where it came from: versions, hosts, the command and the times.
+    prov = result.provenance
+    assert prov["hpc_mto"] == prov["tasks"]["hpc_mto"] == hpc_mto.__version__ and prov["torch"] == torch.__version__
+    assert prov["hosts"] == [socket.gethostname()] and prov["mpi"].startswith("MPICH Version:")
+    assert prov["launched"] <= prov["finished"] and prov["command"] and prov["user_code"] == {}
     ds = data.load(run.config.data)
     raw = np.rint(ds.x_test * 16).astype(np.int64)  # digits as scikit-learn stores them: 0..16
     # The single network on raw samples gives the bits it gives on the loader's preprocessed ones.

@@ -2,6 +2,7 @@
 which every rank imports; the run keeps a copy of its code and refuses to continue with other code
 unless told to."""
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import result, run_cli
 from hpc_mto import data, models
 from hpc_mto.config import DataConfig, ModelConfig, build
 from hpc_mto.errors import ConfigError, DataError
@@ -142,6 +143,9 @@ def test_a_user_network_trains_on_k2_ranks_stops_resumes_bitwise_and_loads(refer
     assert outcome(run_dir) == outcome(reference) and same_model(run_dir, reference)
     for key, module in (("model-factory", "models"), ("data-factory", "data")):
         assert (run_dir / "code" / f"{key}.py").read_text() == (EXAMPLES / "mto_example" / f"{module}.py").read_text()
+    code = result(run_dir)["provenance"]["user_code"]["model.factory"]
+    assert code["sha256"] == hashlib.sha256((EXAMPLES / "mto_example" / "models.py").read_bytes()).hexdigest()
+    assert code["version"] == "0.1.0" and code["module"] == "mto_example.models"
     # The selected model loads as the user's network, with its kwargs.
     proc = subprocess.run([sys.executable, "-c", "import sys; from hpc_mto.model_io import load_selected; "
                            "net = load_selected(sys.argv[1]); print(type(net[2]).__module__, net[1].out_features)",

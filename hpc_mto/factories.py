@@ -52,8 +52,9 @@ def resolve(key: str, spec: str) -> Callable:
     return fn
 
 
-def source(spec: str) -> dict:
-    """What identifies the factory's code: module, file, SHA-256 of the file, package version."""
+def source(spec: str, git: bool = True) -> dict:
+    """What identifies the factory's code: module, file, SHA-256 of the file, package version, and
+    (with ``git``) the commit of the repository holding it."""
     module_name = spec.partition(":")[0]
     module = sys.modules.get(module_name) or importlib.import_module(module_name)
     file = Path(getattr(module, "__file__", "") or "")
@@ -68,7 +69,7 @@ def source(spec: str) -> dict:
     from .provenance import git_commit
 
     return {"spec": spec, "module": module_name, "file": str(file), "sha256": digest, "version": version,
-            "git_commit": git_commit(file) if digest else None}
+            "git_commit": git_commit(file) if digest and git else None}
 
 
 class CodeRecord:
@@ -96,15 +97,17 @@ class CodeRecord:
         """Raise with the diff if a recorded factory's code changed; with ``allow_change`` record the new
         code instead and return the keys whose code changed."""
         recorded = self.factories()
-        changed = {key: src for key, src in recorded.items() if source(src["spec"])["sha256"] != src["sha256"]}
+        # Every rank checks at start: the hash only, no git process on the compute nodes.
+        changed = {key: src for key, src in recorded.items()
+                   if source(src["spec"], git=False)["sha256"] != src["sha256"]}
         if not changed:
             return []
         if allow_change:
             self.write({key: src["spec"] for key, src in recorded.items()})
             return sorted(changed)
         key, src = next(iter(sorted(changed.items())))
-        now = source(src["spec"])
-        old = (self.dir / self._copy_name(key))
+        now = source(src["spec"], git=False)
+        old = self.dir / self._copy_name(key)
         diff = "".join(difflib.unified_diff(
             old.read_text(errors="replace").splitlines(True) if old.is_file() else [],
             Path(now["file"]).read_text(errors="replace").splitlines(True) if Path(now["file"]).is_file() else [],

@@ -72,6 +72,8 @@ def slurm_options(fn):
         flag, text = f"--{f.name.replace('_', '-')}", f.metadata["help"]
         if isinstance(f.default, bool):
             fn = click.option(flag, is_flag=True, default=None, help=f"SLURM: {text}.")(fn)
+        elif isinstance(f.default, tuple):
+            fn = click.option(flag, multiple=True, help=f"SLURM: {text}.")(fn)
         else:
             default = "" if f.default is None else f" (default {f.default})"
             kind = int if f.type.startswith("int") else str
@@ -80,7 +82,7 @@ def slurm_options(fn):
 
 
 def given(options: dict) -> dict:
-    return {key: value for key, value in options.items() if value is not None and value is not False}
+    return {key: value for key, value in options.items() if value is not None and value is not False and value != ()}
 
 
 @main.command()

@@ -190,3 +190,29 @@ def test_time_takes_slurms_formats_in_whole_minutes(text, minutes):
 def test_a_time_slurm_would_not_read_is_refused(text):
     with pytest.raises(LaunchError, match="--time"):
         Request(time=text)
+
+
+def test_site_options_pass_through_to_the_job_script(tmp_path):
+    """--sbatch-arg (KEY=VALUE, KEY= for a flag), --setup lines before the tasks start, and
+    --array-parallelism reach the script; the MPI start-up wrapper still follows the user's lines."""
+    array = dry_run(tmp_path / "a", "--partition", "gpu", "--splits", 3, "--array", "--array-parallelism", 2,
+                    "--sbatch-arg", "reservation=r1", "--sbatch-arg", "exclusive=", "--setup", "module load cuda/12")
+    assert {"#SBATCH --array=0-2%2", "#SBATCH --reservation=r1", "#SBATCH --exclusive"} <= set(array.splitlines())
+    assert "# setup\nmodule load cuda/12\n" in array
+    gang = dry_run(tmp_path / "g", "--partition", "gpu", "--splits", 2, "--tasks-per-node", 2,
+                   "--setup", "module load cuda/12", "--setup", "export NCCL_DEBUG=WARN")
+    assert "# setup\nmodule load cuda/12\nexport NCCL_DEBUG=WARN\n# hpc-mto: start the tasks again" in gang
+    assert "#SBATCH --ntasks=2" in gang.splitlines()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--sbatch-arg", "time=5"], "hpc-mto sets --time itself"),
+    (["--sbatch-arg", "wrap=rm -rf ~"], "use KEY=VALUE"),
+    (["--sbatch-arg", "comment=a\nb"], "use KEY=VALUE"),
+    (["--sbatch-arg", "export=NONE"], "--export would change how the job runs its tasks"),
+    (["--setup", "module load a\nrm -rf ~"], "one non-empty line of shell per --setup"),
+    (["--array-parallelism", 2], "--array-parallelism needs --array"),
+])
+def test_site_options_that_would_break_the_job_are_refused(tmp_path, args, message):
+    result = cli("launch", "--executor", "slurm", "--dry-run", "--partition", "gpu", "--run-dir", tmp_path / "r", *args)
+    assert result.exit_code == 2 and message in result.stderr and result.stderr.count("\n") == 1, result.stderr

@@ -51,8 +51,20 @@ class Request:
     constraint: str | None = _opt(None, "node feature constraint, e.g. a100")
     mpi: str = _opt("pmi2", "srun MPI plugin that joins the gang's tasks into one MPI world")
     max_requeues: int = _opt(10, "stop requeueing a job after this many checkpoint-and-requeue cycles")
+    array_parallelism: int | None = _opt(None, "with --array: at most this many of the K jobs run at once")
+    sbatch_arg: tuple[str, ...] = _opt((), "an sbatch option as KEY=VALUE, e.g. reservation=r1 (repeatable)")
+    setup: tuple[str, ...] = _opt((), "a line the job script runs first, e.g. 'module load cuda' (repeatable)")
 
     def __post_init__(self):
+        object.__setattr__(self, "sbatch_arg", tuple(self.sbatch_arg))  # lists when read from jobs.json
+        object.__setattr__(self, "setup", tuple(self.setup))
+        for item in self.sbatch_arg:
+            check_sbatch_arg(item)
+        for line in self.setup:
+            if "\n" in line or "\r" in line or not line.strip():
+                raise LaunchError(f"invalid --setup {line!r}: one non-empty line of shell per --setup")
+        if self.array_parallelism is not None and (self.array_parallelism < 1 or not self.array):
+            raise LaunchError("--array-parallelism needs --array and a value >= 1")
         for name in ("partition", "account", "qos", "mpi"):
             check_value(name, getattr(self, name), SAFE_NAME, "letters, digits and _ . + -")
         check_value("constraint", self.constraint, SAFE_CONSTRAINT, "feature names joined by & | ,")
@@ -92,6 +104,26 @@ def slurm_minutes(text: str) -> int:
     else:  # M or M:S
         minutes, seconds = int(a), int(b or 0)
     return minutes + math.ceil(seconds / 60)
+
+
+# sbatch options hpc-mto sets itself (from its own options or as the job's shape): not through --sbatch-arg.
+RESERVED_SBATCH = {"array", "cpus-per-task", "error", "gpus-per-task", "job-name", "nodes", "ntasks",
+                   "ntasks-per-node", "open-mode", "output", "partition", "signal", "time", "wckey", "mem",
+                   "account", "qos", "constraint", "wrap", "export", "chdir"}
+SBATCH_KEY = re.compile(r"[a-z][a-z0-9-]{0,63}")
+SBATCH_VALUE = re.compile(r"[A-Za-z0-9_.,:=+/@%-]{0,256}")
+
+
+def check_sbatch_arg(item: str) -> tuple[str, str]:
+    key, sep, value = item.partition("=")
+    if not sep or not SBATCH_KEY.fullmatch(key) or not SBATCH_VALUE.fullmatch(value):
+        raise LaunchError(f"invalid --sbatch-arg {item!r}: use KEY=VALUE, an sbatch long option without its "
+                          "dashes (e.g. reservation=r1), the value of letters, digits and _ . , : = + / @ % -")
+    if key in RESERVED_SBATCH:
+        raise LaunchError(f"invalid --sbatch-arg {item!r}: hpc-mto sets --{key} itself; use its own option "
+                          f"(hpc-mto launch --help)" if key not in ("wrap", "export", "chdir", "array") else
+                          f"invalid --sbatch-arg {item!r}: --{key} would change how the job runs its tasks")
+    return key, value
 
 
 def dashed(name: str) -> str:
@@ -153,14 +185,22 @@ def executor_parameters(req: Request, k: int, name: str, threads: int, kinds: li
             params[key] = getattr(req, key)
     if req.gpus_per_task:
         params["gpus_per_task"] = req.gpus_per_task
+    # KEY= is a flag without a value (exclusive=): submitit writes True as a bare --key.
+    extra = {key.replace("-", "_"): value or True for key, value in map(check_sbatch_arg, req.sbatch_arg)}
+    if extra:
+        params["additional_parameters"] = extra
+    if req.setup:
+        params["setup"] = list(req.setup)
+    if req.array_parallelism:
+        params["array_parallelism"] = req.array_parallelism
     if not req.array:
         # --ntasks bounds the gang to exactly K when nodes x tasks-per-node is larger (SLURM then
         # reads --ntasks-per-node as a maximum); the worker checks the MPI world has K ranks.
-        params["additional_parameters"] = {"ntasks": k}
+        params["additional_parameters"] = {**extra, "ntasks": k}
         # A task that dies (its node lost, kill -9) must end the step: without this srun waits while
         # the survivors spin in an MPI collective until the job's time limit.
         params["srun_args"] = [f"--mpi={req.mpi}", "--kill-on-bad-exit=1"]
-        params["setup"] = mpi_start_retry(slurm_dir)
+        params["setup"] = list(req.setup) + mpi_start_retry(slurm_dir)
     return params
 
 

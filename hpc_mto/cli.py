@@ -143,7 +143,7 @@ def submitted(run: RunDir, ids: list[str], wait: bool, progress) -> None:
         click.echo(f"follow it with: hpc-mto status {run.path}")
         return
     try:
-        states = slurm.follow(run, ids, sys.stdout.isatty() if progress is None else progress)
+        states = slurm.follow(run, ids, progress)
     except KeyboardInterrupt:
         click.echo(f"\nstopped following; the job keeps running: hpc-mto status {run.path} "
                    f"(or hpc-mto cancel {run.path})", err=True)

@@ -121,7 +121,7 @@ def start(run: RunDir, show_progress: bool | None = None) -> int:
                 pass
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
-    progress = Progress(run, k, enabled=sys.stdout.isatty() if show_progress is None else show_progress)
+    progress = Progress(run, k, show_progress)
     segments = MpichSegments(k if cfg.transfer.backend == "mpi" else 0)  # the file exchange runs no MPI
     try:
         while any(p.poll() is None for p in procs):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -19,17 +20,25 @@ def task_line(run: RunDir, task: int, epochs: int) -> str:
 
 
 class Progress:
-    interval = 1.0
+    """``live``: one line per task redrawn in place (a terminal); ``plain``: a line now and then for a
+    log file (stdout is not a terminal), with the slowest task's epoch and an ETA; ``off``."""
 
-    def __init__(self, run: RunDir, k: int, enabled: bool):
-        self.run, self.k, self.enabled = run, k, enabled
+    interval = 1.0
+    plain_interval = float(os.environ.get("HPC_MTO_PROGRESS_EVERY", 60))
+
+    def __init__(self, run: RunDir, k: int, show: bool | None):
+        self.run, self.k = run, k
+        self.mode = "off" if show is False else "live" if show or sys.stdout.isatty() else "plain"
         self.epochs = run.config().train.epochs
         self._drawn = 0
         self._last = -float("inf")
+        self._start: tuple[float, int] | None = None  # (time, epochs done) when we started watching
 
     def draw(self, force: bool = False) -> None:
         now = time.monotonic()
-        if not self.enabled or (now - self._last < self.interval and not force):
+        if self.mode == "plain":
+            return self._plain(now)
+        if self.mode == "off" or (now - self._last < self.interval and not force):
             return
         self._last = now
         lines = [task_line(self.run, t, self.epochs) for t in range(self.k)]
@@ -41,6 +50,24 @@ class Progress:
         out.flush()
         self._drawn = len(lines)
 
+    def _plain(self, now: float) -> None:
+        if self._start is None:
+            self._start, self._last = (now, self._done()), now
+            return
+        if now - self._last < self.plain_interval:
+            return
+        self._last = now
+        done = self._done()
+        elapsed = now - self._start[0]
+        rate = (done - self._start[1]) / elapsed  # epochs per second since we started watching
+        eta = f", about {_duration((self.epochs - done) / rate)} left" if rate > 0 else ""
+        sys.stdout.write(f"progress: epoch {done}/{self.epochs} (slowest task), {_duration(elapsed)} watched{eta}\n")
+        sys.stdout.flush()
+
+    def _done(self) -> int:
+        return min((rows[-1].epochs_done if rows else 0) for rows in (self.run.metrics(t).read()
+                                                                       for t in range(self.k)))
+
     def note(self, line: str) -> None:
         """Print a line (a job state change) above the live block, which is then redrawn below it."""
         out = sys.stdout
@@ -50,3 +77,8 @@ class Progress:
             self._last = -float("inf")
         out.write(line + "\n")
         out.flush()
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"

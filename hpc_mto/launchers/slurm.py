@@ -83,7 +83,7 @@ def cancel(record: JobsRecord) -> list[str]:
     return ids
 
 
-def follow(run: RunDir, ids: list[str], show_progress: bool) -> dict[str, JobState]:
+def follow(run: RunDir, ids: list[str], show_progress: bool | None) -> dict[str, JobState]:
     """Show progress until no job of the run is pending or running; return their final states."""
     progress = Progress(run, run.config().splits, show_progress)
     seen: dict[str, JobState] = {}

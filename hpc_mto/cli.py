@@ -46,7 +46,7 @@ def main(log_level):
 
 
 def summary_line(run: RunDir) -> str:
-    return run.result().summary_line(run.path)
+    return run.result().summary_line(run.path, hide_test=run.config().selection.hide_test)
 
 
 def finish_local(run: RunDir, code: int) -> None:
@@ -96,10 +96,13 @@ def given(options: dict) -> dict:
 @click.option("--dry-run", is_flag=True, help="SLURM: print the sbatch script; submit nothing, write nothing.")
 @click.option("--wait", is_flag=True, help="SLURM: follow the run until it ends (local runs always do).")
 @click.option("--progress/--no-progress", default=None, help="Live per-task progress (default: on a terminal).")
+@click.option("--hide-test", is_flag=True,
+              help="Keep test scores out of everything printed (selection.hide_test) until report --show-test.")
 @user_errors
-def launch(config_file, overrides, splits, run_dir, executor, dry_run, wait, progress, **slurm_opts):
+def launch(config_file, overrides, splits, run_dir, executor, dry_run, wait, progress, hide_test, **slurm_opts):
     """Start a run: write the run directory, then train the K tasks (here, or on SLURM)."""
-    overrides = list(overrides) + ([f"splits={splits}"] if splits is not None else [])
+    overrides = list(overrides) + ([f"splits={splits}"] if splits is not None else []) + \
+        (["selection.hide_test=true"] if hide_test else [])
     if (executor or default_executor(slurm_opts["partition"])) == "slurm":
         req = slurm_request.Request(**given(slurm_opts))
         cfg = config_mod.load(config_file, overrides + slurm_request.config_overrides(req))
@@ -286,17 +289,18 @@ def export_command(run_dir, fmt, ensemble, out):
 @main.command("report")
 @click.argument("run_dirs", nargs=-1, required=True, type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON (for scripts) instead of tables.")
+@click.option("--show-test", is_flag=True, help="Show test scores of runs launched with --hide-test.")
 @click.option("--tensorboard", is_flag=True,
               help="Also write RUN_DIR/report/tensorboard/task-<t>/ event files (needs tensorboard installed).")
 @user_errors
-def report_command(run_dirs, as_json, tensorboard):
+def report_command(run_dirs, as_json, show_test, tensorboard):
     """Summarize a run (finished, running or stopped) and write RUN_DIR/report/ (plots, report.html).
 
     With several RUN_DIRs, print one comparison table and write no files (except --tensorboard).
     """
     from . import report
 
-    click.echo(report.show(run_dirs, as_json, tensorboard))
+    click.echo(report.show(run_dirs, as_json, tensorboard, show_test))
 
 
 if __name__ == "__main__":

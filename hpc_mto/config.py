@@ -118,6 +118,8 @@ class SelectionConfig:
     distill_output: bool = _opt(False, "after training, distil the K-model ensemble into one student on the pool")
     student_alpha: float = _opt(1.0, "student: weight of the ensemble's soft targets in its loss")
     student_temperature: float = _opt(4.0, "student: softmax temperature of the soft targets")
+    hide_test: bool = _opt(False, "keep test scores out of what hpc-mto prints (summary, status, report) until "
+                                  "hpc-mto report --show-test; result.json still holds them")
 
 
 @dataclass
@@ -383,7 +385,7 @@ def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
 # long or how loudly a run goes on, not what the finished part of it computed.
 RESUME_SAFE_KEYS = frozenset({"train.epochs", "transfer.peer_timeout", "transfer.heartbeat_timeout",
                               "checkpoint.every", "checkpoint.keep", "checkpoint.signals", "train.device",
-                              "data.data_root", "data.download"})
+                              "data.data_root", "data.download", "selection.hide_test"})
 
 
 def resume_diff(old: Config, new: Config) -> list[str]:

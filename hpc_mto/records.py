@@ -288,12 +288,15 @@ class Result(Record):
     timing: Timing | None = None
     provenance: dict[str, Any] | None = None  # provenance.finished(): versions, hosts, command, times
 
-    def summary_line(self, run_path: Path | str) -> str:
+    def summary_line(self, run_path: Path | str, hide_test: bool = False) -> str:
         out, sel = self.outputs[self.output], self.selected
-        estimate = (f"estimated acc {self.estimate:.4f} (holdout estimation half, {self.estimate_samples} samples), "
-                    if self.estimate is not None else "no holdout to estimate on, ")
+        estimate = (f"estimated acc {self.estimate:.4f} (holdout estimation half, {self.estimate_samples} samples)"
+                    if self.estimate is not None else "no holdout to estimate on")
         cv = f", cv mean {sel.cv_mean_acc:.4f} (optimistic)" if sel.cv_mean_acc is not None else ""
-        return (f"output {self.output} ({out.id}): {estimate}test acc {out.test_acc:.4f}; single model {sel.id} by "
+        if hide_test:
+            return (f"output {self.output} ({out.id}): {estimate}; single model {sel.id} by {self.rule}{cv}; "
+                    f"test scores hidden (selection.hide_test; hpc-mto report --show-test); run dir {run_path}")
+        return (f"output {self.output} ({out.id}): {estimate}, test acc {out.test_acc:.4f}; single model {sel.id} by "
                 f"{self.rule}: test acc {sel.test_acc:.4f}{cv}; run dir {run_path}")
 
 

@@ -196,7 +196,8 @@ def run_tables(s: dict) -> list[Table]:
         tables += [outcome_table(s["outcome"]), outputs_table(s["outputs"], s["outcome"]["output"])]
     tables.append(tasks_table(s["tasks"]))
     if s["finished"]:
-        tables += ([cv_table(s["cv"])] if s["cv"] else []) + [test_table(s["test"]), selection_table(s["selection"])]
+        tables += ([cv_table(s["cv"])] if s["cv"] else []) + ([test_table(s["test"])] if s["test"] else []) + \
+            [selection_table(s["selection"])]
     return tables + [time_table(s["timing"])]
 
 
@@ -337,22 +338,36 @@ def write_tensorboard(d: RunData, writer_class) -> Path:
 
 
 # -- the command ------------------------------------------------------------------------------
-def show(run_dirs, as_json: bool, tensorboard: bool) -> str:
+def show(run_dirs, as_json: bool, tensorboard: bool, show_test: bool = False) -> str:
     """What ``hpc-mto report`` prints (tables, or JSON); writes RUN_DIR/report/ for a single run."""
     runs = [load(p) for p in run_dirs]  # every path checked before anything is written
-    summaries = [summarize(d) for d in runs]
+    summaries = [hide_test_scores(summarize(d)) if d.cfg.selection.hide_test and not show_test else summarize(d)
+                 for d in runs]
     if tensorboard:
         _tensorboard(runs)
     if len(runs) == 1:
         d, s = runs[0], summaries[0]
         tables = run_tables(s)
         s["files"] = [str(f) for f in write_report_dir(d, s, tables)]
-        out, text = s, [f"{d.name}: {s['progress']['status']}", *map(render_text, tables),
+        hidden = ["test scores hidden (selection.hide_test): hpc-mto report --show-test shows them"] \
+            if d.cfg.selection.hide_test and not show_test else []
+        out, text = s, [f"{d.name}: {s['progress']['status']}", *hidden, *map(render_text, tables),
                         "report written: " + ", ".join(s["files"])]
     else:
         rows = [compare_row(s) for s in summaries]
         out, text = {"runs": rows}, [render_text(compare_table(rows))]
     return json.dumps(out, indent=1) if as_json else "\n".join(text)
+
+
+def hide_test_scores(obj):
+    """The summary with every test score blanked (shown as "-"): selection.hide_test."""
+    if isinstance(obj, dict):
+        return {k: None if "test" in k or k == "disagreement" else hide_test_scores(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [hide_test_scores(v) for v in obj]
+    return obj
+
+
 def _tensorboard(runs: list[RunData]) -> None:
     """Event files per run; progress goes to stderr so that --json output stays parseable."""
     writer_class = summary_writer_class()

@@ -209,3 +209,32 @@ def test_tensorboard_writes_event_files_when_installed(partial_run):
     invoke(partial_run, "--tensorboard")
     for k in range(2):
         assert list((partial_run / "report" / "tensorboard" / f"task-{k}").glob("events.out.tfevents.*"))
+
+
+def test_a_run_that_hides_test_scores_prints_none_until_asked(run_dir, summary, tmp_path):
+    """selection.hide_test: no test score in the report, its JSON or the summary line; --show-test
+    gives back exactly the normal report."""
+    from hpc_mto import config as config_mod
+    from hpc_mto.rundir import RunDir
+
+    path = tmp_path / "hidden"
+    shutil.copytree(run_dir, path, ignore=shutil.ignore_patterns("report", "checkpoints"))
+    cfg = config_mod.load(path / "config.yaml", ["selection.hide_test=true"])
+    (path / "config.yaml").write_text(config_mod.dump(cfg))
+
+    def test_values(obj, key=""):
+        if isinstance(obj, dict):
+            return [v for k, item in obj.items() for v in test_values(item, k)]
+        if isinstance(obj, list):
+            return [v for item in obj for v in test_values(item, key)]
+        return [obj] if "test" in key and obj is not None else []
+
+    hidden = json.loads(invoke(path, "--json").stdout)
+    assert test_values(summary) and not test_values(hidden)
+    text = invoke(path).stdout
+    assert "test scores hidden (selection.hide_test)" in text
+    shown = json.loads(invoke(path, "--json", "--show-test").stdout)
+    assert test_values(shown) == test_values(summary)
+    line = CliRunner().invoke(main, ["status", str(path)]).stdout.splitlines()[-1]
+    assert "test scores hidden" in line and "test acc" not in line
+    assert "test acc" in RunDir(path).result().summary_line(path)

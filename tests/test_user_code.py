@@ -157,7 +157,7 @@ def test_a_user_network_trains_on_k2_ranks_stops_resumes_bitwise_and_loads(refer
 def test_resume_with_changed_user_code_is_refused_with_the_diff_unless_allowed(tmp_path, env):
     package = tmp_path / "pkg"
     shutil.copytree(EXAMPLES / "mto_example", package / "mto_example")
-    env = {"PYTHONPATH": str(package)}
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(package), os.environ.get("PYTHONPATH")]))}
     run_dir = tmp_path / "run"
     stopped = run_cli("launch", "--run-dir", run_dir, *CONFIG, env={**env, INJECT_ENV: "signal@step:0:20"},
                       check=False)

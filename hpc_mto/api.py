@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -100,6 +100,30 @@ def _named_factories(data: dict) -> dict:
     return {**data, "model": {**data["model"], "factory": f"{module}:{name}"}}
 
 
+@dataclasses.dataclass
+class Restarted:
+    jobs: list[str] | None  # SLURM: the resubmitted job ids
+    exit_code: int | None  # local: how the tasks ended
+
+
+def restart(run: RunDir, overrides, allow_code_change: bool, progress: bool | None,
+            say: Callable[[str], None] = lambda line: None) -> Restarted:
+    """Continue a run from its newest complete checkpoint: `hpc-mto resume` and ``Run.resume``.
+    ``say`` hears of accepted code changes before the tasks start."""
+    from .launchers import local, slurm
+
+    record = run.jobs()
+    with run.lock():
+        if record is not None:
+            slurm.refuse_if_live(run, record)  # before touching config.yaml under a running job
+        run.update_config(list(overrides))
+        for key in run.code.check_unchanged(allow_code_change):
+            say(f"continuing with the changed code of {key} (--allow-code-change)")
+        if record is not None:
+            return Restarted(slurm.submit(run, record), None)
+        return Restarted(None, local.start(run, progress))
+
+
 class Run:
     """A run directory: where it stands, its result and its trained networks."""
 
@@ -126,8 +150,7 @@ class Run:
         from .launchers import slurm_queries
 
         cfg = self.config
-        done = min(len(self.dir.metrics(t).read()) for t in range(cfg.splits))
-        out: dict[str, Any] = {"epochs_done": done, "epochs": cfg.train.epochs}
+        out: dict[str, Any] = {"epochs_done": min(self.dir.epochs_done(cfg.splits)), "epochs": cfg.train.epochs}
         record = self.dir.jobs()
         states = slurm_queries.job_states(record.jobs) if record is not None else {}
         if states:
@@ -153,19 +176,8 @@ class Run:
     def resume(self, overrides: list[str] | tuple[str, ...] = (), allow_code_change: bool = False,
                progress: bool = False) -> "Run":
         """Continue the run from its newest complete checkpoint (SLURM: resubmit; call ``wait``)."""
-        from .launchers import local, slurm
-
-        record = self.dir.jobs()
-        with self.dir.lock():
-            if record is not None:
-                slurm.refuse_if_live(self.dir, record)
-            self.dir.update_config(list(overrides))
-            self.dir.code.check_unchanged(allow_code_change)
-            if record is not None:
-                slurm.submit(self.dir, record)
-                return self
-            code = local.start(self.dir, progress)
-        return self._ended(code)
+        restarted = restart(self.dir, overrides, allow_code_change, progress)
+        return self if restarted.jobs is not None else self._ended(restarted.exit_code)
 
     @property
     def result(self) -> Result:
@@ -198,7 +210,7 @@ class Run:
 
         from .model_io import load_output
 
-        net = load_output(self.path) if ensemble is None else self.load_ensemble() if ensemble else self.load_model()
+        net = load_output(self.path, ensemble)
         info = self.dir.model_record()
         x = torch.as_tensor(np.asarray(x), dtype=torch.float32)
         if tuple(x.shape[1:]) != tuple(info.input_shape):
@@ -231,26 +243,22 @@ def read_samples(path: Path) -> np.ndarray:
     file (loaded with weights_only)."""
     if not path.is_file():
         raise UserError(f"{path} does not exist")
-    try:
-        if path.suffix == ".npz":
-            with np.load(path, allow_pickle=False) as f:
-                if "x" not in f.files:
-                    raise UserError(f"{path} has no array x (found: {', '.join(f.files) or 'none'})")
-                return np.asarray(f["x"])
-        if path.suffix in (".h5", ".hdf5"):
-            import h5py
+    if path.suffix == ".pt":
+        import torch
 
-            with h5py.File(path, "r") as f:
-                if "x" not in f:
-                    raise UserError(f"{path} has no dataset x (found: {', '.join(f.keys()) or 'none'})")
-                return np.asarray(f["x"])
-        if path.suffix == ".pt":
-            import torch
-
+        try:
             x = torch.load(path, map_location="cpu", weights_only=True)
-            if not isinstance(x, torch.Tensor):
-                raise UserError(f"{path} holds a {type(x).__name__}; it must hold one tensor of samples")
-            return x.numpy()
-    except (OSError, ValueError) as exc:
-        raise UserError(f"cannot read {path}: {str(exc).splitlines()[0]}") from None
-    raise UserError(f"{path}: unknown kind of file; valid: .npz or .h5 (array x), .pt (a tensor)")
+        except Exception as exc:  # weights_only refuses pickled code: report, never run it
+            raise UserError(f"cannot read {path}: {str(exc).splitlines()[0]}") from None
+        if not isinstance(x, torch.Tensor):
+            raise UserError(f"{path} holds a {type(x).__name__}; it must hold one tensor of samples")
+        return x.numpy()
+    kind = {".npz": "npz", ".h5": "hdf5", ".hdf5": "hdf5"}.get(path.suffix)
+    if kind is None:
+        raise UserError(f"{path}: unknown kind of file; valid: .npz or .h5 (array x), .pt (a tensor)")
+    from .data import read_arrays
+
+    arrays = read_arrays(path, kind)
+    if "x" not in arrays:
+        raise UserError(f"{path} has no array x (found: {', '.join(arrays) or 'none'})")
+    return arrays["x"]

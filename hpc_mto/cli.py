@@ -172,28 +172,18 @@ def submitted(run: RunDir, ids: list[str], wait: bool, progress) -> None:
 def resume(run_dir, overrides, wait, progress, allow_code_change):
     """Continue a stopped run from the newest checkpoint every task completed (a SLURM run is
     resubmitted with the resources it was launched with)."""
-    from .launchers import local
+    from .api import restart
 
     run = RunDir(run_dir).require()
     if run.finished and not overrides:
         click.echo(f"run {run.path} already finished")
         click.echo(summary_line(run))
         return
-    record = run.jobs()
-    with run.lock():
-        if record is not None:
-            slurm.refuse_if_live(run, record)  # before touching config.yaml under a running job
-        run.update_config(list(overrides))
-        for key in run.code.check_unchanged(allow_code_change):
-            click.echo(f"continuing with the changed code of {key} (--allow-code-change)")
-        if record is not None:
-            ids = slurm.submit(run, record)
-        else:
-            code = local.start(run, progress)
-    if record is not None:
-        submitted(run, ids, wait, progress)
+    restarted = restart(run, overrides, allow_code_change, progress, say=click.echo)
+    if restarted.jobs is not None:
+        submitted(run, restarted.jobs, wait, progress)
     else:
-        finish_local(run, code)
+        finish_local(run, restarted.exit_code)
 
 
 @main.command()

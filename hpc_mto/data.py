@@ -128,14 +128,10 @@ def _torchvision(cls_name: str, channels_mean_std: bool):
     return load
 
 
-def _read_arrays(cfg: DataConfig) -> dict[str, np.ndarray]:
-    if not cfg.path:
-        raise DataError(f"dataset {cfg.name} needs data.path: a file with arrays x and y")
-    path = Path(cfg.path)
-    if not path.is_file():
-        raise DataError(f"data.path {path} does not exist")
+def read_arrays(path: Path, kind: str) -> dict[str, np.ndarray]:
+    """Every array in an npz (``kind`` "npz"; never unpickled) or HDF5 file, by name."""
     try:
-        if cfg.name == "npz":
+        if kind == "npz":
             with np.load(path, allow_pickle=False) as f:  # never unpickle a user's file
                 return {k: np.asarray(f[k]) for k in f.files}
         import h5py
@@ -143,11 +139,15 @@ def _read_arrays(cfg: DataConfig) -> dict[str, np.ndarray]:
         with h5py.File(path, "r") as f:
             return {k: np.asarray(f[k]) for k in f.keys() if isinstance(f[k], h5py.Dataset)}
     except (OSError, ValueError) as exc:
-        raise DataError(f"cannot read {cfg.name} file {path}: {exc}".splitlines()[0]) from None
+        raise DataError(f"cannot read {kind} file {path}: {exc}".splitlines()[0]) from None
 
 
 def user_arrays(cfg: DataConfig) -> Dataset:
-    arrays = _read_arrays(cfg)
+    if not cfg.path:
+        raise DataError(f"dataset {cfg.name} needs data.path: a file with arrays x and y")
+    if not Path(cfg.path).is_file():
+        raise DataError(f"data.path {cfg.path} does not exist")
+    arrays = read_arrays(Path(cfg.path), cfg.name)
     missing = [k for k in ("x", "y") if k not in arrays]
     if missing:
         raise DataError(f"{cfg.path} lacks array(s) {', '.join(missing)}; it must hold x and y "

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
-from .model_io import load_ensemble, load_selected
+from .model_io import Ensemble, load_output
 from .rundir import RunDir
 
 FORMATS = {"torch-export": ".pt2", "onnx": ".onnx"}
@@ -24,9 +24,8 @@ FORMATS = {"torch-export": ".pt2", "onnx": ".onnx"}
 def export(run_dir: Path, fmt: str, out: Path | None = None, ensemble: bool | None = None) -> Path:
     run = RunDir(run_dir).require()
     info = run.model_record()
-    use_ensemble = info.output == "ensemble" if ensemble is None else ensemble
-    net = load_ensemble(run.path) if use_ensemble else load_selected(run.path)
-    out = out or run.path / f"{'ensemble' if use_ensemble else 'model'}{FORMATS[fmt]}"
+    net = load_output(run.path, ensemble)
+    out = out or run.path / f"{'ensemble' if isinstance(net, Ensemble) else 'model'}{FORMATS[fmt]}"
     # Two samples, not one: torch.export would specialise a batch dimension of size 1.
     example = (torch.zeros(2, *info.input_shape),)
     batch = ({0: torch.export.Dim("batch")},)

@@ -13,6 +13,7 @@ checkpoints with another network (``hpc-mto resume --allow-code-change`` accepts
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 import importlib
 import importlib.metadata
@@ -121,6 +122,7 @@ class CodeRecord:
         return key.replace(".", "-") + ".py"
 
 
+@functools.cache
 def entry_points(group: str) -> dict[str, str]:
     """Names that installed packages register for hpc-mto (``[project.entry-points."hpc_mto.models"]``)."""
     return {ep.name: ep.value for ep in importlib.metadata.entry_points(group=group)}

@@ -29,10 +29,6 @@ class Ensemble(torch.nn.Module):
         return torch.stack([m(x) for m in self.members]).mean(0)
 
 
-def _info(run: RunDir) -> ModelInfo:
-    return run.model_record()
-
-
 def _network(info: ModelInfo, path: Path) -> torch.nn.Module:
     net = models.build(ModelConfig(**info.model), tuple(info.input_shape), info.num_classes)
     try:
@@ -49,16 +45,19 @@ def load_selected(run_dir: str | Path) -> torch.nn.Module:
     """The single network in ``model.pt``: the run's output, or with an ensemble output the best
     single network (``model.json``'s ``candidate`` says which)."""
     run = RunDir(run_dir)
-    return _network(_info(run), run.model_file)
+    return _network(run.model_record(), run.model_file)
 
 
 def load_ensemble(run_dir: str | Path) -> Ensemble:
     run = RunDir(run_dir)
-    info = _info(run)
+    info = run.model_record()
     return Ensemble([_network(info, run.path / member) for member in info.ensemble]).eval()
 
 
-def load_output(run_dir: str | Path) -> torch.nn.Module:
-    """Whatever the run chose as its output (``selection.output``): the ensemble or one network."""
+def load_output(run_dir: str | Path, ensemble: bool | None = None) -> torch.nn.Module:
+    """Whatever the run chose as its output (``selection.output``): the ensemble or one network;
+    ``ensemble`` True or False asks for one of them instead."""
     run = RunDir(run_dir)
-    return load_ensemble(run_dir) if _info(run).output == "ensemble" else load_selected(run_dir)
+    if ensemble is None:
+        ensemble = run.model_record().output == "ensemble"
+    return load_ensemble(run_dir) if ensemble else load_selected(run_dir)

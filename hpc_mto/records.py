@@ -293,11 +293,10 @@ class Result(Record):
         estimate = (f"estimated acc {self.estimate:.4f} (holdout estimation half, {self.estimate_samples} samples)"
                     if self.estimate is not None else "no holdout to estimate on")
         cv = f", cv mean {sel.cv_mean_acc:.4f} (optimistic)" if sel.cv_mean_acc is not None else ""
-        if hide_test:
-            return (f"output {self.output} ({out.id}): {estimate}; single model {sel.id} by {self.rule}{cv}; "
-                    f"test scores hidden (selection.hide_test; hpc-mto report --show-test); run dir {run_path}")
-        return (f"output {self.output} ({out.id}): {estimate}, test acc {out.test_acc:.4f}; single model {sel.id} by "
-                f"{self.rule}: test acc {sel.test_acc:.4f}{cv}; run dir {run_path}")
+        test = ("", "", "; test scores hidden (selection.hide_test; hpc-mto report --show-test)") if hide_test else \
+            (f", test acc {out.test_acc:.4f}", f": test acc {sel.test_acc:.4f}", "")
+        return (f"output {self.output} ({out.id}): {estimate}{test[0]}; single model {sel.id} by {self.rule}"
+                f"{test[1]}{cv}{test[2]}; run dir {run_path}")
 
 
 @dataclass

@@ -75,13 +75,14 @@ class RunDir:
     def finished(self) -> bool:
         return self.result_file.is_file()
 
+    def epochs_done(self, k: int) -> list[int]:
+        """Epochs each of the k tasks has completed (its last metrics line)."""
+        return [rows[-1].epochs_done if rows else 0 for rows in (self.metrics(t).read() for t in range(k))]
+
     def selection_pending(self) -> bool:
         """Every task trained to its last epoch, yet no result: the final selection has to run."""
         cfg = self.config()
-        if self.finished:
-            return False
-        last = [self.metrics(t).read()[-1:] for t in range(cfg.splits)]
-        return all(m and m[0].epochs_done >= cfg.train.epochs for m in last)
+        return not self.finished and min(self.epochs_done(cfg.splits)) >= cfg.train.epochs
 
     def result(self) -> Result:
         return Result.read(self.result_file)

@@ -52,21 +52,17 @@ class Progress:
 
     def _plain(self, now: float) -> None:
         if self._start is None:
-            self._start, self._last = (now, self._done()), now
+            self._start, self._last = (now, min(self.run.epochs_done(self.k))), now
             return
         if now - self._last < self.plain_interval:
             return
         self._last = now
-        done = self._done()
+        done = min(self.run.epochs_done(self.k))
         elapsed = now - self._start[0]
         rate = (done - self._start[1]) / elapsed  # epochs per second since we started watching
         eta = f", about {_duration((self.epochs - done) / rate)} left" if rate > 0 else ""
         sys.stdout.write(f"progress: epoch {done}/{self.epochs} (slowest task), {_duration(elapsed)} watched{eta}\n")
         sys.stdout.flush()
-
-    def _done(self) -> int:
-        return min((rows[-1].epochs_done if rows else 0) for rows in (self.run.metrics(t).read()
-                                                                       for t in range(self.k)))
 
     def note(self, line: str) -> None:
         """Print a line (a job state change) above the live block, which is then redrawn below it."""

@@ -20,6 +20,7 @@ from typing import Any, Callable
 import numpy as np
 
 from . import config as config_mod
+from . import live
 from .errors import ConfigError, RunDirError, UserError
 from .records import Result
 from .rundir import RunDir
@@ -43,6 +44,27 @@ def launch(config: str | Path | dict | config_mod.Config | None = None, run_dir:
     ``config``: a YAML path, a dict of sections (``{"transfer": {"policy": "best"}}``), a ``Config``,
     or None for the defaults; ``overrides`` are ``"key=value"`` strings applied on top.
     """
+    p = plan(config, run_dir, executor, overrides, **slurm_options)
+    if p.request is not None:
+        from .launchers import slurm
+
+        slurm.start(p.run, p.cfg, p.request)
+        return Run(p.run.path)
+    return Run(p.run.path)._ended(train_here(p, progress))
+
+
+@dataclasses.dataclass
+class Plan:
+    """What a launch will do, decided before anything is written."""
+
+    run: RunDir
+    cfg: config_mod.Config
+    request: object | None  # launchers.slurm_request.Request, or None for a local run
+
+
+def plan(config, run_dir, executor: str, overrides, **slurm_options) -> Plan:
+    """The config (``launch``'s ``config`` and ``overrides``, plus what the SLURM request implies), the
+    run directory and the SLURM request; one clear error for an unknown executor or option."""
     from .launchers import slurm_request
 
     if executor not in ("local", "slurm"):
@@ -59,19 +81,19 @@ def launch(config: str | Path | dict | config_mod.Config | None = None, run_dir:
             raise ConfigError(f"{exc}; valid SLURM options: {valid}") from None
         extra = slurm_request.config_overrides(req)
     cfg = _config(config, list(overrides) + extra)
-    run = RunDir(run_dir or RunDir.default_path(cfg))
-    if req is not None:
-        from .launchers import slurm
+    return Plan(RunDir(run_dir or RunDir.default_path(cfg)), cfg, req)
 
-        slurm.start(run, cfg, req)
-        return Run(run.path)
+
+def train_here(p: Plan, progress: bool | None, say: Callable[[str], None] = lambda line: None) -> int:
+    """A local plan: write the run directory and train the K tasks here; their exit status. ``say``
+    hears where the run directory is once it exists."""
     from .launchers import local
     from .prepare import prepare
 
-    prepare(run, cfg)
-    with run.lock():
-        code = local.start(run, progress)
-    return Run(run.path)._ended(code)
+    prepare(p.run, p.cfg)
+    say(f"run directory: {p.run.path}")
+    with p.run.lock():
+        return local.start(p.run, progress)
 
 
 def _config(config, overrides: list[str]) -> config_mod.Config:
@@ -117,6 +139,7 @@ def restart(run: RunDir, overrides, allow_code_change: bool, progress: bool | No
         if record is not None:
             slurm.refuse_if_live(run, record)  # before touching config.yaml under a running job
         run.update_config(list(overrides))
+        live.write_ids(run.mlflow_ids, live.tracking_runs(run.config(), run.path, run.mlflow_ids))
         for key in run.code.check_unchanged(allow_code_change):
             say(f"continuing with the changed code of {key} (--allow-code-change)")
         if record is not None:
@@ -187,7 +210,7 @@ class Run:
         return self.dir.result()
 
     def load_model(self):
-        """The single selected network (``model.pt``), in eval mode on the CPU."""
+        """The single selected network (``model.safetensors``), in eval mode on the CPU."""
         from .model_io import load_selected
 
         return load_selected(self.path)

@@ -51,7 +51,7 @@ def summary_line(run: RunDir) -> str:
 
 def finish_local(run: RunDir, code: int) -> None:
     if run.finished:
-        # result.json is written last, after model.pt and every ensemble member: the run is complete
+        # result.json is written last, after model.safetensors and every ensemble member: the run is complete
         # even when a task failed afterwards (while its MPI runtime shut down, say).
         if code != 0:
             click.echo(f"hpc-mto: warning: a task exited with status {code} after the result was written; "
@@ -101,26 +101,19 @@ def given(options: dict) -> dict:
 @user_errors
 def launch(config_file, overrides, splits, run_dir, executor, dry_run, wait, progress, hide_test, **slurm_opts):
     """Start a run: write the run directory, then train the K tasks (here, or on SLURM)."""
+    from . import api
+
     overrides = list(overrides) + ([f"splits={splits}"] if splits is not None else []) + \
         (["selection.hide_test=true"] if hide_test else [])
-    if (executor or default_executor(slurm_opts["partition"])) == "slurm":
-        req = slurm_request.Request(**given(slurm_opts))
-        cfg = config_mod.load(config_file, overrides + slurm_request.config_overrides(req))
-        launch_slurm(RunDir(run_dir or RunDir.default_path(cfg)), cfg, req, dry_run, wait, progress)
-        return
+    executor = executor or default_executor(slurm_opts["partition"])
     stray = [f"--{key.replace('_', '-')}" for key in given({**slurm_opts, "dry_run": dry_run})]
-    if stray:
+    if executor == "local" and stray:
         raise UserError(f"{', '.join(stray)}: only for --executor slurm")
-    from .launchers import local
-    from .prepare import prepare
-
-    cfg = config_mod.load(config_file, overrides)
-    run = RunDir(run_dir or RunDir.default_path(cfg))
-    prepare(run, cfg)
-    click.echo(f"run directory: {run.path}")
-    with run.lock():
-        code = local.start(run, progress)
-    finish_local(run, code)
+    p = api.plan(config_file, run_dir, executor, overrides, **given(slurm_opts))
+    if p.request is not None:
+        launch_slurm(p.run, p.cfg, p.request, dry_run, wait, progress)
+        return
+    finish_local(p.run, api.train_here(p, progress, say=click.echo))
 
 
 def default_executor(partition: str | None) -> str:
@@ -261,12 +254,13 @@ def predict(run_dir, input_file, ensemble, preprocessed, out):
 
 @main.command("export")
 @click.argument("run_dir", type=click.Path(file_okay=False))
-@click.option("--format", "fmt", type=click.Choice(["torch-export", "onnx"]), default="torch-export",
-              show_default=True, help="torch.export program (.pt2) or ONNX (needs hpc-mto[onnx]).")
+@click.option("--format", "fmt", type=click.Choice(["torch-export", "safetensors", "onnx"]), default="torch-export",
+              show_default=True, help="torch.export program (.pt2), the weights alone (.safetensors) or ONNX "
+                                      "(needs hpc-mto[onnx]).")
 @click.option("--ensemble/--single", default=None,
               help="The K-model ensemble or the single selected network (default: the run's chosen output).")
 @click.option("--out", type=click.Path(dir_okay=False),
-              help="Output file (default: RUN_DIR/model.pt2 or ensemble.pt2).")
+              help="Output file (default: RUN_DIR/model.<ext> or ensemble.<ext>).")
 @user_errors
 def export_command(run_dir, fmt, ensemble, out):
     """Write a finished run's output in a format other tools load without hpc-mto."""

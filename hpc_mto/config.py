@@ -48,6 +48,8 @@ class DataConfig:
     selection_holdout: float = _opt(0.1, "fraction of the gross training set no task ever touches: one half "
                                          "chooses the output, the other estimates its accuracy (0 disables)")
     stratify: bool = _opt(True, "stratify splits and holdout by class")
+    augment: str = _opt("none", "built-in image datasets: standard = random crop (+ horizontal flip for CIFAR), "
+                                "drawn per sample from (seed, task, epoch, sample)", ("none", "standard"))
 
 
 @dataclass
@@ -74,6 +76,8 @@ class TrainConfig:
     threads: int = _opt(1, "torch CPU threads per task (part of the exact-resume contract)")
     device: str = _opt("auto", "device: cuda by local rank when available", ("auto", "cpu", "cuda"))
     eval_batch_size: int = _opt(1024, "batch size for evaluation")
+    num_workers: int = _opt(0, "DataLoader worker processes per task for a data.factory dataset (the bits do not "
+                               "depend on it)")
     swa_epochs: int = _opt(0, "average each task's weights over its last N epochs (SWA; 0: off)")
 
 
@@ -131,6 +135,15 @@ class CheckpointConfig:
 
 
 @dataclass
+class LogConfig:
+    tensorboard: bool = _opt(False, "each task writes its epoch metrics live to RUN_DIR/tensorboard/task-<t>/ "
+                                    "(needs tensorboard)")
+    mlflow: str | None = _opt(None, "MLflow tracking URI (e.g. sqlite:////shared/mlflow.db or a server): each "
+                                    "task logs its epoch metrics live to its own MLflow run (needs hpc-mto[mlflow])")
+    mlflow_experiment: str = _opt("hpc-mto", "MLflow experiment the K task runs belong to")
+
+
+@dataclass
 class Config:
     seed: int = _opt(0, "seed of splits, initialisation and data order")
     splits: int = _opt(4, "K: train/validation splits, one task each")
@@ -140,6 +153,7 @@ class Config:
     transfer: TransferConfig = field(default_factory=TransferConfig)
     selection: SelectionConfig = field(default_factory=SelectionConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -159,6 +173,7 @@ class Config:
             (0 <= self.train.momentum < 1, "train.momentum must be in [0, 1)"),
             (self.train.weight_decay >= 0, "train.weight_decay must be >= 0"),
             (self.train.threads >= 1, "train.threads must be >= 1"),
+            (self.train.num_workers >= 0, "train.num_workers must be >= 0"),
             (len(self.train.lr_scale) in (0, self.splits), "train.lr_scale must be empty or hold one "
                                                              "multiplier per split"),
             (all(isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0 for x in self.train.lr_scale),
@@ -385,6 +400,7 @@ def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
 # long or how loudly a run goes on, not what the finished part of it computed.
 RESUME_SAFE_KEYS = frozenset({"train.epochs", "transfer.peer_timeout", "transfer.heartbeat_timeout",
                               "checkpoint.every", "checkpoint.keep", "checkpoint.signals", "train.device",
+                              "train.num_workers", "log.tensorboard", "log.mlflow", "log.mlflow_experiment",
                               "data.data_root", "data.download", "selection.hide_test"})
 
 

@@ -1,32 +1,59 @@
-"""The built-in datasets (their names are listed in ``registry.DATASETS``). Every dataset is offline:
-bundled, generated locally, or read from files the user staged. A dataset is returned as numpy
-arrays; the official test split is kept apart, and a dataset without one gets a fixed test split
-carved off here (the same for every run and seed, so runs with different seeds are compared on the
-same test set).
+"""The datasets: the built-ins (their names are listed in ``registry.DATASETS``) and a user's
+``data.factory``. Every dataset is offline: bundled, generated locally, or read from files the user
+staged. A built-in is held as numpy arrays (moved to the device as tensors); a factory's map-style
+datasets stay where they are and are read through a DataLoader (``samples.Streamed``). The official
+test split is kept apart, and a dataset without one gets a fixed test split carved off here (the same
+for every run and seed, so runs with different seeds are compared on the same test set).
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
+import inspect
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
 import numpy as np
 
-from .config import DataConfig
+from .config import Config, DataConfig
 from .errors import DataError
 from .registry import DATASETS
+from .samples import Arrays, Crop, Samples, Streamed
 
 # Seed of the carved test split of datasets without an official one: fixed on purpose (see above).
 CARVED_TEST_SEED = 20200701
 
+# data.augment=standard, per built-in image dataset: (crop padding in pixels, horizontal flip). Digits
+# and MNIST-like images are not flipped: a mirrored digit is another symbol (or none).
+STANDARD_AUGMENTATION = {"digits": (1, False), "mnist": (2, False), "fashion_mnist": (2, False),
+                         "cifar10": (4, True), "cifar100": (4, True)}
+
+
+@dataclass
+class UserDatasets:
+    """A ``data.factory``'s map-style datasets: what training reads (``train``, which may augment), what
+    scoring reads (``plain``), the test set, and which positions of them form the gross training set
+    and the test set (a test set carved off ``plain`` when the factory gives none)."""
+
+    train: Any
+    plain: Any
+    test: Any
+    index: np.ndarray
+    test_index: np.ndarray
+    labels: np.ndarray  # of every item of train/plain
+    test_labels: np.ndarray  # of every item of test
+    input_shape: tuple[int, ...]
+
 
 @dataclass
 class Dataset:
-    x: np.ndarray  # gross training set, float32, (N, *input_shape)
+    x: np.ndarray | None  # gross training set, float32, (N, *input_shape); None for a data.factory
     y: np.ndarray  # int64 labels in [0, num_classes)
-    x_test: np.ndarray
+    x_test: np.ndarray | None
     y_test: np.ndarray
     num_classes: int
     test_source: str  # "official" or "carved"
@@ -34,10 +61,25 @@ class Dataset:
     # How x was made from the dataset's stored values (in the network's layout): (raw / divide - mean) / std
     # in float32, mean and std per channel (axis 1) or None. In model.json, so that predict takes raw samples.
     preprocessing: dict = field(default_factory=lambda: {"divide": 1.0, "mean": None, "std": None})
+    user: UserDatasets | None = None  # a data.factory's datasets (then x and x_test are None)
+    augment: Crop | None = None  # data.augment=standard on in-memory images
 
     @property
     def input_shape(self) -> tuple[int, ...]:
-        return tuple(self.x.shape[1:])
+        return self.user.input_shape if self.user is not None else tuple(self.x.shape[1:])
+
+    def samples(self, positions: np.ndarray, device, cfg: Config) -> Samples:
+        """The samples at ``positions`` of the gross training set, ready for a task on ``device``."""
+        if self.user is None:
+            return Arrays.of(self.x[positions], self.y[positions], device, self.augment)
+        u = self.user
+        return Streamed(u.train, u.plain, u.index[positions], u.labels, u.input_shape, device, cfg.train.num_workers)
+
+    def test_samples(self, device, cfg: Config) -> Samples:
+        if self.user is None:
+            return Arrays.of(self.x_test, self.y_test, device)
+        u = self.user
+        return Streamed(u.test, u.test, u.test_index, u.test_labels, u.input_shape, device, cfg.train.num_workers)
 
 
 def stratified_take(y: np.ndarray, fraction: float, rng: np.random.Generator, stratify: bool = True):
@@ -59,12 +101,26 @@ def _carve_test(x, y, fraction, num_classes) -> Dataset:
     return Dataset(x[keep], y[keep], x[test], y[test], num_classes, "carved", test)
 
 
-def digits(cfg: DataConfig) -> Dataset:
-    from sklearn.datasets import load_digits
+def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits (values 0..16, labels), as ``sklearn.datasets.load_digits`` gives them,
+    read from the file scikit-learn bundles: importing sklearn.datasets costs ~3 s per process, paid by
+    the launcher and by every rank."""
+    spec = importlib.util.find_spec("sklearn")
+    path = Path(next(iter(spec.submodule_search_locations or []), "")) / "datasets" / "data" / "digits.csv.gz" \
+        if spec else None
+    if path is None or not path.is_file():  # another scikit-learn layout: ask it
+        from sklearn.datasets import load_digits
 
-    d = load_digits()
-    x = (d.data.astype(np.float32) / 16.0).reshape(-1, 1, 8, 8)
-    ds = _carve_test(x, d.target.astype(np.int64), cfg.test_fraction, 10)
+        d = load_digits()
+        return d.data, d.target
+    raw = np.loadtxt(path, delimiter=",")  # what load_digits does
+    return raw[:, :-1], raw[:, -1].astype(int)
+
+
+def digits(cfg: DataConfig) -> Dataset:
+    data, target = digits_arrays()
+    x = (data.astype(np.float32) / 16.0).reshape(-1, 1, 8, 8)
+    ds = _carve_test(x, target.astype(np.int64), cfg.test_fraction, 10)
     ds.preprocessing["divide"] = 16.0
     return ds
 
@@ -194,62 +250,105 @@ cifar100 = _torchvision("CIFAR100", channels_mean_std=True)
 
 
 def load(cfg: DataConfig) -> Dataset:
+    if cfg.augment != "none" and (cfg.factory or cfg.name not in STANDARD_AUGMENTATION):
+        raise DataError(f"data.augment={cfg.augment} is for the built-in image datasets "
+                        f"({', '.join(STANDARD_AUGMENTATION)}), not {cfg.factory or cfg.name}; a data.factory "
+                        "dataset augments in its own __getitem__ (see the README)")
     ds = from_factory(cfg) if cfg.factory else DATASETS.get(cfg.name)(cfg)
+    if cfg.augment == "standard":
+        pad, flip = STANDARD_AUGMENTATION[cfg.name]
+        mean, std = ds.preprocessing["mean"], ds.preprocessing["std"]
+        ds.augment = Crop(pad, flip, None if mean is None else [-m / s for m, s in zip(mean, std)])
     for name, arr in (("inputs", ds.x), ("test inputs", ds.x_test)):
-        if not np.all(np.isfinite(arr)):
+        if arr is not None and not np.all(np.isfinite(arr)):
             bad = int(np.sum(~np.isfinite(arr)))
             raise DataError(f"dataset {cfg.factory or cfg.name}: {bad} non-finite values (NaN/Inf) in the {name}")
     return ds
 
 
 def from_factory(cfg: DataConfig) -> Dataset:
-    """The user's map-style dataset(s), read once into memory (the same fast path as the built-ins):
-    ``data.factory(**data.kwargs)`` returns a train Dataset, or (train, test). Each item is
-    ``(sample, label)``; the labels are read from ``.targets`` (or ``.labels``) without touching the
-    samples, and a dataset without a test split gets one carved off like the built-ins."""
+    """The user's map-style dataset(s): ``data.factory(**data.kwargs)`` returns a train Dataset, or
+    (train, test). Each item is ``(sample, label)``; the labels are read from ``.targets`` (or
+    ``.labels``) without touching the samples. A factory with an ``augment`` parameter is called twice:
+    ``augment=True`` for what training reads, ``augment=False`` for what is scored. A dataset without a
+    test split gets one carved off like the built-ins."""
     from .factories import resolve
 
     key = f"data.factory={cfg.factory!r}"
+    factory = resolve("data.factory", cfg.factory)
     try:
-        made = resolve("data.factory", cfg.factory)(**cfg.kwargs)
-    except TypeError as exc:
-        raise DataError(f"{key} failed when called with **{cfg.kwargs}: {exc}") from None
-    train, test = made if isinstance(made, tuple) and len(made) == 2 else (made, None)
-    (x, y) = _materialize(key, "train", train)
-    test_arrays = None if test is None else _materialize(key, "test", test)
-    num_classes = max(len(getattr(train, "classes", []) or []), int(y.max()) + 1)
-    if test_arrays is None:
-        return _carve_test(x, y, cfg.test_fraction, num_classes)
-    xt, yt = test_arrays
-    if xt.shape[1:] != x.shape[1:] or yt.max() >= num_classes:
-        raise DataError(f"{key}: the test set's samples {xt.shape[1:]} / labels up to {yt.max()} do not match the "
-                        f"train set's {x.shape[1:]} / {num_classes} classes")
-    return Dataset(x, y, xt, yt, num_classes, "official")
+        takes_augment = "augment" in inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        takes_augment = False
+
+    def call(**extra):
+        try:
+            made = factory(**cfg.kwargs, **extra)
+        except TypeError as exc:
+            raise DataError(f"{key} failed when called with **{dict(cfg.kwargs, **extra)}: {exc}") from None
+        return made if isinstance(made, tuple) and len(made) == 2 else (made, None)
+
+    plain, test = call(augment=False) if takes_augment else call()
+    train = call(augment=True)[0] if takes_augment else plain
+    y, shape = _check_user_dataset(key, "train", plain)
+    if takes_augment and (len(train) != len(plain) or not np.array_equal(_labels(train), y)):
+        raise DataError(f"{key}: augment=True and augment=False must give the same samples and labels in the same "
+                        "order")
+    num_classes = max(len(getattr(plain, "classes", []) or []), int(y.max()) + 1)
+    if test is None:
+        test_index = stratified_take(y, cfg.test_fraction, np.random.default_rng(CARVED_TEST_SEED))
+        index = np.setdiff1d(np.arange(len(y)), test_index)
+        user = UserDatasets(train, plain, plain, index, test_index, y, y, shape)
+        return Dataset(None, y[index], None, y[test_index], num_classes, "carved", test_index, user=user)
+    yt, test_shape = _check_user_dataset(key, "test", test)
+    if test_shape != shape or yt.max() >= num_classes:
+        raise DataError(f"{key}: the test set's samples {test_shape} / labels up to {yt.max()} do not match the "
+                        f"train set's {shape} / {num_classes} classes")
+    user = UserDatasets(train, plain, test, np.arange(len(y)), np.arange(len(yt)), y, yt, shape)
+    return Dataset(None, y, None, yt, num_classes, "official", user=user)
 
 
-def _materialize(key: str, which: str, ds) -> tuple[np.ndarray, np.ndarray]:
+def _labels(ds) -> np.ndarray | None:
+    labels = getattr(ds, "targets", getattr(ds, "labels", None))
+    return None if labels is None else np.asarray(labels)
+
+
+def _check_user_dataset(key: str, which: str, ds) -> tuple[np.ndarray, tuple[int, ...]]:
+    """(labels, sample shape) of a user's dataset, or one clear error."""
     if not (hasattr(ds, "__getitem__") and hasattr(ds, "__len__")):
         raise DataError(f"{key} returned a {type(ds).__name__} as the {which} set; it must return a map-style "
                         "torch.utils.data.Dataset (with __getitem__ and __len__), or a (train, test) pair of them")
-    labels = getattr(ds, "targets", getattr(ds, "labels", None))
-    if labels is None:
+    y = _labels(ds)
+    if y is None:
         raise DataError(f"{key}: the {which} set has no .targets (or .labels): hpc-mto draws stratified splits from "
                         "the labels without reading every sample")
-    y = np.asarray(labels)
     if len(ds) == 0 or y.shape != (len(ds),) or not np.issubdtype(y.dtype, np.integer) or y.min() < 0:
         raise DataError(f"{key}: the {which} set's .targets must be {len(ds)} integer labels 0..C-1, "
                         f"got shape {y.shape}, dtype {y.dtype}")
     first = ds[0]
     if not (isinstance(first, (tuple, list)) and len(first) >= 2):
         raise DataError(f"{key}: an item of the {which} set is a {type(first).__name__}; it must be (sample, label)")
-    x = np.stack([np.asarray(ds[i][0], dtype=np.float32) for i in range(len(ds))])
-    return np.ascontiguousarray(x), y.astype(np.int64)
+    try:
+        sample = np.asarray(first[0], dtype=np.float32)
+    except (TypeError, ValueError) as exc:
+        raise DataError(f"{key}: a sample of the {which} set is not numeric: {exc}".splitlines()[0]) from None
+    return y.astype(np.int64), tuple(sample.shape)
 
 
 def fingerprint(ds: Dataset) -> str:
-    """A short hash of the arrays: a resume or a peer must train on the very same data."""
+    """A short hash of the data: a resume or a peer must train on the very same data. In-memory arrays
+    are hashed whole; a data.factory's datasets by their labels, sizes and 16 evenly spaced samples
+    each (reading every sample of a large dataset at every start would cost more than the check is
+    worth; the factory's source is checked separately, see factories.CodeRecord)."""
     h = hashlib.sha256()
-    for arr in (ds.x, ds.y, ds.x_test, ds.y_test):
+    if ds.user is None:
+        arrays = [ds.x, ds.y, ds.x_test, ds.y_test]
+    else:
+        arrays, u = [ds.y, ds.y_test], ds.user
+        for dataset, index in ((u.plain, u.index), (u.test, u.test_index)):
+            picks = index[np.linspace(0, len(index) - 1, min(16, len(index))).astype(int)]
+            arrays += [np.stack([np.asarray(dataset[int(i)][0], dtype=np.float32) for i in picks])]
+    for arr in arrays:
         h.update(json.dumps([arr.shape, str(arr.dtype)]).encode())
         h.update(np.ascontiguousarray(arr).tobytes())
     return h.hexdigest()[:16]

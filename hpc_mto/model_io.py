@@ -1,17 +1,21 @@
-"""Load what a finished run produced without unpickling arbitrary code.
+"""Write and load what a finished run produces, without unpickling anything.
 
-``model.pt`` and ``ensemble/member-<t>.pt`` hold plain state dicts (loaded with
-``torch.load(weights_only=True)``, which refuses anything but tensors and containers); ``model.json``
-says how to rebuild the network and which output the run chose.
+``model.safetensors`` and ``ensemble/member-<t>.safetensors`` hold the networks' state dicts in the
+safetensors format (readable by any safetensors library, in any language); ``model.json`` says how to
+rebuild the network, how raw samples were preprocessed and which output the run chose. Run directories
+of hpc-mto < 0.3 hold ``.pt`` files instead: those are read with ``torch.load(weights_only=True)``,
+which refuses anything but tensors and containers.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import safetensors.torch
 import torch
 
-from . import models
+from . import __version__, models
+from .atomic import atomic_path
 from .config import ModelConfig
 from .errors import RunDirError
 from .records import ModelInfo
@@ -29,20 +33,34 @@ class Ensemble(torch.nn.Module):
         return torch.stack([m(x) for m in self.members]).mean(0)
 
 
-def _network(info: ModelInfo, path: Path) -> torch.nn.Module:
-    net = models.build(ModelConfig(**info.model), tuple(info.input_shape), info.num_classes)
+def write_weights(path: Path, state: dict[str, torch.Tensor]) -> None:
+    """A state dict as a safetensors file, atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        safetensors.torch.save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp),
+                                    metadata={"format": "pt", "written_by": f"hpc-mto {__version__}"})
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The state dict in a safetensors file (or an older run's .pt file), on the CPU."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        if path.suffix == ".pt":
+            return torch.load(path, map_location="cpu", weights_only=True)
+        return safetensors.torch.load_file(str(path))
     except FileNotFoundError:
         raise RunDirError(f"{path} is missing: the run directory is incomplete") from None
     except Exception as exc:  # weights_only refuses pickled code: report, never run it
         raise RunDirError(f"{path} is not a plain tensor state dict: {str(exc).splitlines()[0]}") from None
-    net.load_state_dict(state)
+
+
+def _network(info: ModelInfo, path: Path) -> torch.nn.Module:
+    net = models.build(ModelConfig(**info.model), tuple(info.input_shape), info.num_classes)
+    net.load_state_dict(read_weights(path))
     return net.eval()
 
 
 def load_selected(run_dir: str | Path) -> torch.nn.Module:
-    """The single network in ``model.pt``: the run's output, or with an ensemble output the best
+    """The single network in ``model.safetensors``: the run's output, or with an ensemble output the best
     single network (``model.json``'s ``candidate`` says which)."""
     run = RunDir(run_dir)
     return _network(run.model_record(), run.model_file)
@@ -51,7 +69,8 @@ def load_selected(run_dir: str | Path) -> torch.nn.Module:
 def load_ensemble(run_dir: str | Path) -> Ensemble:
     run = RunDir(run_dir)
     info = run.model_record()
-    return Ensemble([_network(info, run.path / member) for member in info.ensemble]).eval()
+    # member_file, not the names model.json lists: it also finds an older run's .pt members.
+    return Ensemble([_network(info, run.member_file(t)) for t in range(len(info.ensemble))]).eval()
 
 
 def load_output(run_dir: str | Path, ensemble: bool | None = None) -> torch.nn.Module:

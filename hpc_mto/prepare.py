@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import fnmatch
 
-from . import data, models, provenance, splits
+from . import data, live, models, provenance, splits
 from .blocks import select_names
 from .config import Config
 from .errors import ConfigError
@@ -18,9 +18,12 @@ def prepare(run: RunDir, cfg: Config) -> None:
                     cfg.data.stratify, ds.test_index, ds.test_source)
     net = models.build(cfg.model, ds.input_shape, ds.num_classes)  # shape errors before any job starts
     check_blocks(cfg.transfer.blocks, net.state_dict())
+    tracking = live.tracking_runs(cfg, run.path, run.mlflow_ids)  # a missing package stops us here
     run.create(cfg)
+    live.write_ids(run.mlflow_ids, tracking)
     run.code.write({"model.factory": models.user_code(cfg.model), "data.factory": cfg.data.factory})
     provenance.write_launch(run.provenance_file)
+    run.write_config(cfg, *provenance.summary_lines(run.provenance_file, run.code.factories()))
     splits.write(run.splits_file, s, {"data_fingerprint": data.fingerprint(ds), "seed": cfg.seed,
                                       "num_classes": ds.num_classes, "input_shape": list(ds.input_shape)})
 

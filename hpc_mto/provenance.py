@@ -1,6 +1,7 @@
 """Where a run's result came from: versions, hosts, the command and the times (result.json's
-``provenance``). The launcher writes its part to RUN_DIR/provenance.json when it creates the run;
-task 0 adds the rest when it writes the result."""
+``provenance``). The launcher writes its part to RUN_DIR/provenance.json when it creates the run, and
+a summary of it as comment lines at the top of config.yaml; task 0 adds the rest when it writes the
+result."""
 
 from __future__ import annotations
 
@@ -34,6 +35,17 @@ def write_launch(path: Path) -> None:
     write_text(path, json.dumps({"command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
                                  "launched": now(), "launcher_host": socket.gethostname(), **versions()},
                                 indent=1) + "\n")
+
+
+def summary_lines(launch_file: Path, code: dict) -> list[str]:
+    """The launch record and the user's code in a few lines (config.yaml's header)."""
+    p = json.loads(launch_file.read_text())
+    lines = [f"hpc-mto {p['hpc_mto']} (python {p['python']}, torch {p['torch']}, numpy {p['numpy']})",
+             f"launched {p['launched']} on {p['launcher_host']}: {p['command']}"]
+    for key, src in sorted(code.items()):
+        lines.append(f"{key}: {src['module']} {src['version'] or '(no version)'}, sha256 {str(src['sha256'])[:16]}"
+                     + (f", git {src['git_commit']}" if src.get("git_commit") else ""))
+    return lines
 
 
 def git_commit(file: Path) -> str | None:

@@ -301,14 +301,14 @@ class Result(Record):
 
 @dataclass
 class ModelInfo(Record):
-    """model.json: what ``model.pt`` holds and how to rebuild the network around it."""
+    """model.json: what ``model.safetensors`` holds and how to rebuild the network around it."""
 
     SCHEMA: ClassVar[int] = 1
     model: dict[str, Any]  # the run's ModelConfig fields
-    candidate: str  # what model.pt holds: a candidate id, "soup" or "student"
+    candidate: str  # what model.safetensors holds: a candidate id, "soup" or "student"
     input_shape: list[int]
     num_classes: int
-    output: str = "single"  # the run's output kind; "ensemble": load the members, not model.pt
+    output: str = "single"  # the run's output kind; "ensemble": load the members, not model.safetensors
     ensemble: list[str] = field(default_factory=list)  # member files, relative to the run directory
     preprocessing: dict[str, Any] | None = None  # data.Dataset.preprocessing; None: written before 0.3
 

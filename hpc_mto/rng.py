@@ -38,3 +38,20 @@ def restore(state: State) -> None:
     np.random.set_state(("MT19937", np.asarray(arrays["numpy_keys"]), pos, has_gauss, gauss))
     version, internal, gauss_next = meta["python"]
     random.setstate((version, tuple(internal), gauss_next))
+
+
+class Kept:
+    """The generators' state at construction, put back by ``restore()``: for code that must draw
+    (or seed) without moving the streams training draws from."""
+
+    def __init__(self):
+        self.torch, self.numpy, self.python = torch.get_rng_state(), np.random.get_state(), random.getstate()
+        self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() \
+            else None
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.torch)
+        np.random.set_state(self.numpy)
+        random.setstate(self.python)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state_all(self.cuda)

@@ -6,11 +6,12 @@
       checkpoints/task-<t>/    step-<global step>.h5, exact state per task
       exchange/                file backend: round-<r>/task-<t>.h5 and final-*/
       heartbeat/task-<t>       MPI backend: each task's sign of life (hpc_mto.heartbeat)
+      tensorboard/task-<t>/    log.tensorboard: each task's metrics, live; mlflow.json: log.mlflow's run ids
       metrics/task-<t>.jsonl   one line per epoch per task
       transfers/task-<t>.jsonl one line per transfer decision, this task being the target
       result.json, result.h5   CV matrix, selection, test scores, timing (written by task 0)
-      model.pt, model.json     the output network (weights_only-loadable) and how to rebuild it
-      ensemble/member-<t>.pt   each task's network in the K-model ensemble
+      model.safetensors, model.json    the output network and how to rebuild it (.pt before 0.3)
+      ensemble/member-<t>.safetensors  each task's network in the K-model ensemble
       slurm/                   submitit logs and job ids
       report/                  what `hpc-mto report` writes
 
@@ -20,6 +21,7 @@ decided in ``records``.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import socket
@@ -30,6 +32,7 @@ from . import config as config_mod
 from .atomic import write_text
 from .errors import ConfigError, RunDirError
 from .factories import CodeRecord
+from .provenance import now
 from .records import JobsRecord, MetricsLine, ModelInfo, RecordLog, Result, TransferDecision
 
 
@@ -51,7 +54,10 @@ class RunDir:
     heartbeats = property(lambda self: self.path / "heartbeat")
     result_file = property(lambda self: self.path / "result.json")
     result_h5 = property(lambda self: self.path / "result.h5")
-    model_file = property(lambda self: self.path / "model.pt")
+    @property
+    def model_file(self) -> Path:
+        """The output network's weights: model.safetensors (model.pt in run directories of hpc-mto < 0.3)."""
+        return _weights(self.path / "model")
     model_info = property(lambda self: self.path / "model.json")
     ensemble_dir = property(lambda self: self.path / "ensemble")
     slurm_dir = property(lambda self: self.path / "slurm")
@@ -59,11 +65,15 @@ class RunDir:
     report_dir = property(lambda self: self.path / "report")
     lock_file = property(lambda self: self.path / ".lock")
     provenance_file = property(lambda self: self.path / "provenance.json")
+    mlflow_ids = property(lambda self: self.path / "mlflow.json")  # task -> MLflow run id (log.mlflow)
     code = property(lambda self: CodeRecord(self.path / "code"))  # the user's factory code, as at the start
 
     def member_file(self, task: int) -> Path:
         """Task ``task``'s network in the K-model ensemble (its ``selection.member`` snapshot)."""
-        return self.ensemble_dir / f"member-{task}.pt"
+        return _weights(self.ensemble_dir / f"member-{task}")
+
+    def tensorboard_dir(self, task: int) -> Path:
+        return self.path / "tensorboard" / f"task-{task}"
 
     def metrics(self, task: int) -> RecordLog[MetricsLine]:
         return RecordLog(self.path / "metrics" / f"task-{task}.jsonl", MetricsLine)
@@ -90,7 +100,8 @@ class RunDir:
     def model_record(self) -> ModelInfo:
         """model.json: how to rebuild the output network; refused while the run has none."""
         if not self.model_file.is_file() or not self.model_info.is_file():
-            raise RunDirError(f"{self.path} has no output model (model.pt, model.json): the run has not finished")
+            raise RunDirError(f"{self.path} has no output model (model.safetensors, model.json): the run has not "
+                              "finished")
         return ModelInfo.read(self.model_info)
 
     def jobs(self) -> JobsRecord | None:
@@ -107,7 +118,7 @@ class RunDir:
             raise RunDirError(f"run directory {self.path} already exists and is not empty; choose another "
                               "--run-dir, or continue it with `hpc-mto resume`")
         self.path.mkdir(parents=True, exist_ok=True)
-        write_text(self.config_file, config_mod.dump(cfg))
+        self.write_config(cfg)
 
     def require(self) -> "RunDir":
         if not self.path.is_dir():
@@ -132,7 +143,15 @@ class RunDir:
             raise ConfigError(f"cannot resume with a changed config: {'; '.join(changed)} (keys safe to change: {safe})")
         if self.finished:
             raise RunDirError(f"run {self.path} already finished; start a new run to train longer")
-        write_text(self.config_file, config_mod.dump(new))
+        self.write_config(new, f"resumed {now()} with: {' '.join(overrides)}")
+
+    def write_config(self, cfg: config_mod.Config, *comments: str) -> None:
+        """config.yaml: the comment lines at its top (provenance, earlier resumes) are kept, ``comments``
+        appended to them, then the config itself."""
+        old = self.config_file.read_text().splitlines(True) if self.config_file.is_file() else []
+        header = list(itertools.takewhile(lambda line: line.startswith("#"), old))
+        header += [f"# {c}\n" for c in comments]
+        write_text(self.config_file, "".join(header) + config_mod.dump(cfg))
 
     # -- one launcher or resume at a time ----------------------------------------------------
     def lock(self) -> "RunLock":
@@ -195,3 +214,9 @@ class RunLock:
 
     def __exit__(self, *exc):
         self.release()
+
+
+def _weights(stem: Path) -> Path:
+    """``stem``.safetensors, or the ``stem``.pt an older hpc-mto wrote when only that exists."""
+    old = stem.with_suffix(".pt")
+    return old if old.is_file() and not stem.with_suffix(".safetensors").is_file() else stem.with_suffix(".safetensors")

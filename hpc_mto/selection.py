@@ -33,7 +33,8 @@ from .blocks import BlockLayout
 from .comm import Comm
 from .config import Config
 from .records import Candidate, Choice, OutputScores, Result, Selected, finite_or_none
-from .task import Arrays, Task, evaluate, is_finite_model, recompute_batchnorm, snapshot
+from .samples import Samples
+from .task import Task, evaluate, is_finite_model, recompute_batchnorm, snapshot
 
 KINDS = ("final", "best", "swa")
 # Ties between outputs on the selection half go to the simplest one to deploy.
@@ -45,12 +46,12 @@ ECE_BINS = 15
 class EvalSets:
     """The data every task scores on at the end, each on the task's device."""
 
-    select: Arrays  # the holdout's selection half
-    estimate: Arrays  # the holdout's estimation half
-    test: Arrays
-    pool: Arrays  # every sample outside the holdout: for the soup's BatchNorm and the student
+    select: Samples  # the holdout's selection half
+    estimate: Samples  # the holdout's estimation half
+    test: Samples
+    pool: Samples  # every sample outside the holdout: for the soup's BatchNorm and the student
 
-    def named(self) -> dict[str, Arrays]:
+    def named(self) -> dict[str, Samples]:
         return {"select": self.select, "estimate": self.estimate, "test": self.test}
 
 
@@ -75,7 +76,7 @@ class Scored:
 
 @dataclass
 class Concluded:
-    """Task 0's verdict: the result, and the network model.pt holds with what it is."""
+    """Task 0's verdict: the result, and the network model.safetensors holds with what it is."""
 
     result: Result
     network: dict[str, torch.Tensor]
@@ -181,7 +182,7 @@ def run(task: Task, comm: Comm, sets: EvalSets) -> Scored:
         if soup is not None:
             outputs["soup"] = soup_scores
 
-    # The single choice's weights travel to task 0, which writes model.pt.
+    # The single choice's weights travel to task 0, which writes model.safetensors.
     single = layout.empty()
     single[...] = weights[chosen.kind] if chosen.task == task.index else 0
     comm.broadcast("final-single", single, {"task": chosen.task}, root=chosen.task)
@@ -207,7 +208,7 @@ def conclude(task: Task, sets: EvalSets, scored: Scored) -> Concluded:
         student, outputs["student"] = _student(task, sets, scored.pool_teacher)
         networks["student"] = (student, "student")
     output = _choose_output(cfg.selection.output, outputs)
-    # model.pt holds one network: the output's, or for an ensemble the best single network.
+    # model.safetensors holds one network: the output's, or for an ensemble the best single network.
     net_kind = output if output in networks else max(
         networks, key=lambda o: (_or(outputs[o].select_acc), -OUTPUT_ORDER.index(o)))
     candidates, chosen_index = scored.candidates, scored.selected
@@ -227,7 +228,7 @@ def _or(x, default=-math.inf):
     return default if x is None else x
 
 
-def _logits(model, data: Arrays, cfg: Config) -> np.ndarray:
+def _logits(model, data: Samples, cfg: Config) -> np.ndarray:
     if len(data) == 0:
         return np.empty((0, 0), np.float32)
     return evaluate(model, data, cfg.train.eval_batch_size, logits_out=True)[2]
@@ -367,8 +368,8 @@ def _soup(comm: Comm, task: Task, layout: BlockLayout, own_member: np.ndarray, m
 def _student(task: Task, sets: EvalSets, teacher: torch.Tensor):
     """One network trained on the pool towards the ensemble's soft targets (task 0, after the rest)."""
     cfg = task.cfg
-    student = Task(cfg, cfg.splits, sets.pool, Arrays(sets.pool.x[:0], sets.pool.y[:0]), sets.pool,
-                   tuple(sets.pool.x.shape[1:]), teacher.shape[1], task.device)
+    student = Task(cfg, cfg.splits, sets.pool, sets.pool.subset([]), sets.pool, sets.pool.input_shape,
+                   teacher.shape[1], task.device)
     student.teacher = teacher.to(task.device)
     student.distill_alpha, student.distill_temperature = cfg.selection.student_alpha, cfg.selection.student_temperature
     while not student.done:

@@ -9,8 +9,6 @@ same order without drawing from any global RNG.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -18,23 +16,8 @@ import torch.nn.functional as F
 from . import models, rng
 from .config import Config
 from .errors import CheckpointError
+from .samples import Samples
 from .state import BEST, MODEL, OPT, SWA, TEACHER, State, entry, split_opt
-
-
-@dataclass
-class Arrays:
-    """Tensors already on the task's device; batches are slices, no DataLoader workers."""
-
-    x: torch.Tensor
-    y: torch.Tensor
-
-    @classmethod
-    def of(cls, x: np.ndarray, y: np.ndarray, device) -> "Arrays":
-        return cls(torch.from_numpy(np.ascontiguousarray(x)).to(device),
-                   torch.from_numpy(np.ascontiguousarray(y)).to(device))
-
-    def __len__(self) -> int:
-        return len(self.y)
 
 
 def init_seed(cfg: Config, task: int) -> int:
@@ -43,12 +26,11 @@ def init_seed(cfg: Config, task: int) -> int:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, data: Arrays, batch_size: int, logits_out: bool = False):
+def evaluate(model: torch.nn.Module, data: Samples, batch_size: int, logits_out: bool = False):
     """(mean loss, accuracy[, logits]); loss is inf for a non-finite model, never NaN."""
     model.eval()
     loss_sum, correct, chunks = 0.0, 0, []
-    for start in range(0, len(data), batch_size):
-        x, y = data.x[start:start + batch_size], data.y[start:start + batch_size]
+    for x, y in data.batches(batch_size):
         out = model(x)
         loss_sum += float(F.cross_entropy(out, y, reduction="sum"))
         correct += int((out.argmax(1) == y).sum())
@@ -64,10 +46,10 @@ def evaluate(model: torch.nn.Module, data: Arrays, batch_size: int, logits_out: 
 
 
 @torch.no_grad()
-def model_logits(model: torch.nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """The network's outputs for ``x`` in evaluation mode, computed in batches."""
+def model_logits(model: torch.nn.Module, data: Samples, batch_size: int) -> torch.Tensor:
+    """The network's outputs for ``data`` (as stored, in order) in evaluation mode, computed in batches."""
     model.eval()
-    return torch.cat([model(x[start:start + batch_size]) for start in range(0, len(x), batch_size)])
+    return torch.cat([model(x) for x, _ in data.batches(batch_size)])
 
 
 def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -83,7 +65,7 @@ def distill_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, temperature
 
 
 @torch.no_grad()
-def recompute_batchnorm(model: torch.nn.Module, data: "Arrays", batch_size: int) -> None:
+def recompute_batchnorm(model: torch.nn.Module, data: Samples, batch_size: int) -> None:
     """BatchNorm statistics for averaged weights, from one pass over ``data`` (the averaged running
     statistics belong to none of the averaged networks). Nothing to do for a network without BN."""
     norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
@@ -94,8 +76,8 @@ def recompute_batchnorm(model: torch.nn.Module, data: "Arrays", batch_size: int)
         m.reset_running_stats()
         m.momentum = None  # a cumulative average over the pass
     model.train()
-    for start in range(0, len(data), batch_size):
-        model(data.x[start:start + batch_size])
+    for x, _ in data.batches(batch_size):
+        model(x)
     for m, momentum in momenta.items():
         m.momentum = momentum
     model.eval()
@@ -106,7 +88,7 @@ def is_finite_model(model: torch.nn.Module) -> bool:
 
 
 class Task:
-    def __init__(self, cfg: Config, index: int, train: Arrays, val: Arrays, fitness: Arrays,
+    def __init__(self, cfg: Config, index: int, train: Samples, val: Samples, fitness: Samples,
                  input_shape: tuple, num_classes: int, device):
         self.cfg, self.index, self.device = cfg, index, device
         self.train, self.val, self.fitness = train, val, fitness
@@ -158,11 +140,9 @@ class Task:
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(self.epoch)
         order = self.epoch_order(self.epoch)
-        bs = self.cfg.train.batch_size
         self.model.train()
-        while self.step < self.steps_per_epoch:
-            idx = order[self.step * bs:(self.step + 1) * bs]
-            x, y = self.train.x[idx], self.train.y[idx]
+        key = (self.cfg.seed, self.index, self.epoch)
+        for idx, x, y in self.train.training_batches(order, self.cfg.train.batch_size, self.step, key):
             out = self.model(x)
             ce = F.cross_entropy(out, y)
             loss = ce

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -40,8 +41,9 @@ from .blocks import BlockLayout
 from .comm import Comm
 from .config import TransferConfig
 from .records import StalePeer, TransferDecision, finite_or_none
+from .samples import Samples
 from .state import MODEL, OPT
-from .task import Arrays, Task, evaluate, model_logits
+from .task import Task, evaluate, model_logits
 
 ROUND_TAG, PULL_TAG = "round-", "average-"
 
@@ -103,10 +105,10 @@ class FixedJudge:
 
     minimum = 1
 
-    def __init__(self, samples: Arrays):
+    def __init__(self, samples: Samples):
         self._samples = samples
 
-    def samples_for(self, own_history: list[int], candidate_history: list[int]) -> Arrays:
+    def samples_for(self, own_history: list[int], candidate_history: list[int]) -> Samples:
         return self._samples
 
 
@@ -115,16 +117,16 @@ class UnseenJudge:
     training set shaped its weights; the samples outside all of those training sets are those in
     every one of those tasks' validation sets."""
 
-    def __init__(self, x: np.ndarray, y: np.ndarray, val_sets: list[np.ndarray], device, minimum: int):
-        self.x, self.y, self.val_sets, self.device, self.minimum = x, y, val_sets, device, minimum
+    def __init__(self, samples_at: Callable[[np.ndarray], Samples], val_sets: list[np.ndarray], minimum: int):
+        self.samples_at, self.val_sets, self.minimum = samples_at, val_sets, minimum
 
-    def samples_for(self, own_history: list[int], candidate_history: list[int]) -> Arrays:
+    def samples_for(self, own_history: list[int], candidate_history: list[int]) -> Samples:
         return self._samples(frozenset(own_history) | frozenset(candidate_history))
 
     @functools.lru_cache(maxsize=64)
-    def _samples(self, tasks: frozenset) -> Arrays:
+    def _samples(self, tasks: frozenset) -> Samples:
         ids = functools.reduce(np.intersect1d, (self.val_sets[t] for t in sorted(tasks)))
-        return Arrays.of(self.x[ids], self.y[ids], self.device)
+        return self.samples_at(ids)
 
 
 class Exchange:
@@ -294,7 +296,7 @@ class Exchange:
             if j == task.index or not m["finite"] or not finite(buf):
                 continue
             layout.unpack(buf)
-            logits = model_logits(task.model, task.train.x, task.cfg.train.eval_batch_size).double()
+            logits = model_logits(task.model, task.train, task.cfg.train.eval_batch_size).double()
             if not bool(torch.isfinite(logits).all()):
                 continue
             total = logits if total is None else total + logits

@@ -30,11 +30,13 @@ from .comm import connect
 from .errors import DataError, PeerMissing, UserError
 from .faults import Faults, attempt_from_env, rank_from_env
 from .heartbeat import Heartbeat
+from .live import LiveMetrics
+from .model_io import write_weights
 from .records import MetricsLine, ModelInfo, Timing
 from .rundir import RunDir
 from .signals import EXIT_REQUEUE, StopFlag
 from .state import State
-from .task import Arrays, Task
+from .task import Task
 
 logger = logging.getLogger("hpc_mto.worker")  # not __name__: run as __main__ by `python -m`
 
@@ -88,26 +90,31 @@ class Worker:
             fit = va
         # The pool (every sample outside the holdout) is needed at the end only by a student or a soup.
         pool = np.union1d(tr, va) if cfg.selection.distill_output or cfg.model.shared_init else tr[:0]
-        of = lambda idx: Arrays.of(ds.x[idx], ds.y[idx], dev)
+        of = lambda idx: ds.samples(idx, dev, cfg)
         self.sets = selection.EvalSets(select=of(s.holdout_select), estimate=of(s.holdout_estimate),
-                                       test=Arrays.of(ds.x_test, ds.y_test, dev), pool=of(pool))
+                                       test=ds.test_samples(dev, cfg), pool=of(pool))
         self.task = Task(cfg, self.index, of(tr), of(va), of(fit), ds.input_shape, ds.num_classes, dev)
         fallback.bind(self.task)
-        judge = (transfer.UnseenJudge(ds.x, ds.y, s.val, dev, cfg.transfer.min_samples)
+        judge = (transfer.UnseenJudge(of, s.val, cfg.transfer.min_samples)
                  if cfg.transfer.fitness == "unseen" else transfer.FixedJudge(self.task.fitness))
         self.exchange = transfer.Exchange(self.task, self.comm, cfg.transfer, judge)
         self.metrics, self.transfers = self.run.metrics(self.index), self.run.transfers(self.index)
+        self.live = (LiveMetrics(cfg.log, self.run.tensorboard_dir(self.index), self.run.mlflow_ids, self.index)
+                     if cfg.log.tensorboard or cfg.log.mlflow else None)
         self.fingerprint = attrs["data_fingerprint"]
         self.preprocessing = ds.preprocessing
         self.num_classes = int(attrs["num_classes"])
         self.times = {"train": 0.0, "transfer": 0.0, "eval": 0.0, "checkpoint": 0.0}
         self.saved_at = time.monotonic()  # of the newest checkpoint (or the start): checkpoint.every
 
-    def leave(self) -> None:
+    def leave(self, finished: bool = False) -> None:
         """This task is done with the run (finished, stopped or failed): peers stop watching it."""
         if self.heartbeat is not None:
             self.heartbeat.stop()
             self.heartbeat = None
+        if self.live is not None:
+            self.live.close(finished)
+            self.live = None
 
     # -- checkpoints -------------------------------------------------------------------------
     def state_dict(self) -> State:
@@ -193,9 +200,11 @@ class Worker:
                 if round_index >= 2:
                     # Two rounds back: every live peer has read it by now, or has fallen back to checkpoints.
                     self.exchange.release_round(round_index - 2)
-            self.metrics.append(MetricsLine(**scores, adopted=adopted, adopted_total=task.adopted,
-                                            lineage=task.lineage,
-                                            times={k: round(v, 4) for k, v in self.times.items()}))
+            line = MetricsLine(**scores, adopted=adopted, adopted_total=task.adopted, lineage=task.lineage,
+                               times={k: round(v, 4) for k, v in self.times.items()})
+            self.metrics.append(line)
+            if self.live is not None:
+                self.live.epoch(line)
             stopping = self.comm.any(stop.is_set)
             # On the file exchange a late peer is stood in for by its checkpoints: they follow the rounds.
             round_copy = adopted is not None and not self.comm.synchronous
@@ -209,7 +218,7 @@ class Worker:
     def finish(self) -> None:
         t0 = time.perf_counter()
         scored = selection.run(self.task, self.comm, self.sets)
-        _save_state(self.run.member_file(self.index), scored.member)
+        write_weights(self.run.member_file(self.index), scored.member)
         self.times["eval"] += time.perf_counter() - t0
         # Also a barrier: past it every member file is written, so result.json never precedes one.
         gathered = self.comm.allgather("final-times", {"times": self.times, "host": socket.gethostname()})
@@ -220,9 +229,9 @@ class Worker:
         concluded = selection.conclude(self.task, self.sets, scored)
         times[0]["eval"] += time.perf_counter() - t0
         result = concluded.result
-        _save_state(self.run.model_file, concluded.network)
+        write_weights(self.run.model_file, concluded.network)
         ModelInfo(model=dict(vars(self.cfg.model)), candidate=concluded.network_id,
-                  input_shape=list(self.task.train.x.shape[1:]), num_classes=self.num_classes, output=result.output,
+                  input_shape=list(self.task.train.input_shape), num_classes=self.num_classes, output=result.output,
                   ensemble=[str(self.run.member_file(t).relative_to(self.run.path)) for t in range(self.cfg.splits)],
                   preprocessing=self.preprocessing).write(self.run.model_info)
         result.timing = Timing(per_task=times, total={key: sum(t[key] for t in times) for key in times[0]})
@@ -233,12 +242,6 @@ class Worker:
             f.create_dataset("cv_loss", data=np.asarray([[math.inf if x is None else x for x in row]
                                                          for row in result.cv_loss]))
         result.write(self.run.result_file)  # last: its presence means "finished"
-
-
-def _save_state(path: Path, state: dict[str, torch.Tensor]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
 
 
 def run(run_dir: Path, task_index: int | None = None, on_world_up: Callable[[], None] | None = None) -> int:
@@ -258,7 +261,7 @@ def run(run_dir: Path, task_index: int | None = None, on_world_up: Callable[[], 
             worker.leave()
             return EXIT_REQUEUE
         worker.finish()
-        worker.leave()
+        worker.leave(finished=True)
         return 0
     except (UserError, PeerMissing) as exc:
         logger.error(f"{exc}" + ("; resume the run once that task is back" if isinstance(exc, PeerMissing) else ""))

@@ -1,6 +1,7 @@
 """The Python API: hpc_mto.launch, hpc_mto.Run, predictions on raw samples, and export."""
 
 import importlib.util
+import shutil
 import socket
 
 import numpy as np
@@ -60,6 +61,11 @@ def test_launch_trains_and_the_run_predicts_raw_samples_as_in_training(trained):
     assert prov["hpc_mto"] == prov["tasks"]["hpc_mto"] == hpc_mto.__version__ and prov["torch"] == torch.__version__
     assert prov["hosts"] == [socket.gethostname()] and prov["mpi"].startswith("MPICH Version:")
     assert prov["launched"] <= prov["finished"] and prov["command"] and prov["user_code"] == {}
+    # config.yaml opens with the same facts, as comments (it still reads as the run's config).
+    header = (run.path / "config.yaml").read_text().splitlines()[:2]
+    assert header == [f"# hpc-mto {hpc_mto.__version__} (python {prov['python']}, torch {torch.__version__}, "
+                      f"numpy {np.__version__})",
+                      f"# launched {prov['launched']} on {socket.gethostname()}: {prov['command']}"]
     ds = data.load(run.config.data)
     raw = np.rint(ds.x_test * 16).astype(np.int64)  # digits as scikit-learn stores them: 0..16
     # The single network on raw samples gives the bits it gives on the loader's preprocessed ones.
@@ -121,3 +127,31 @@ def test_hpc_mto_export_writes_a_program_that_gives_the_in_process_logits(traine
     missing = run_cli("export", trained.path, "--format", "onnx", check=False)
     assert missing.returncode == 2 and missing.stderr == ("hpc-mto: error: --format onnx needs the onnx and onnxscript "
                                                           "packages: pip install 'hpc-mto[onnx]'\n")
+
+
+@pytest.mark.mpi
+def test_the_output_is_safetensors_any_reader_loads_and_older_pt_run_directories_still_load(trained, tmp_path):
+    import safetensors.numpy
+    import safetensors.torch
+
+    x = torch.from_numpy(data.load(trained.config.data).x_test[:5])
+    model = trained.load_model()
+    # Readable without torch or hpc-mto: the same arrays as the network's state dict.
+    arrays = safetensors.numpy.load_file(str(trained.path / "model.safetensors"))
+    assert arrays.keys() == model.state_dict().keys()
+    assert all(np.array_equal(arrays[k], v.numpy()) for k, v in model.state_dict().items())
+    members = sorted(p.name for p in (trained.path / "ensemble").iterdir())
+    assert members == ["member-0.safetensors", "member-1.safetensors"]
+    # export --format safetensors of the ensemble: every member's weights under members.<t>.
+    run_cli("export", trained.path, "--ensemble", "--format", "safetensors", "--out", tmp_path / "e.safetensors")
+    exported = safetensors.numpy.load_file(str(tmp_path / "e.safetensors"))
+    assert exported.keys() == trained.load_ensemble().state_dict().keys()
+    # A run directory of hpc-mto < 0.3 (torch.save'd .pt files) loads as before.
+    old = tmp_path / "old"
+    shutil.copytree(trained.path, old)
+    for path in [old / "model.safetensors", *(old / "ensemble").iterdir()]:
+        torch.save(safetensors.torch.load_file(str(path)), path.with_suffix(".pt"))
+        path.unlink()
+    old_run = hpc_mto.Run(old)
+    assert torch.equal(old_run.load_model()(x), model(x))
+    assert torch.equal(old_run.load_ensemble()(x), trained.load_ensemble()(x))

@@ -15,7 +15,8 @@ from hpc_mto import checkpoint, config
 from hpc_mto.comm import FileComm
 from hpc_mto.prepare import prepare
 from hpc_mto.rundir import RunDir
-from hpc_mto.task import Arrays, Task
+from hpc_mto.samples import Arrays
+from hpc_mto.task import Task
 from hpc_mto.transfer import CheckpointFallback, layout_of
 
 BLOCKS = np.zeros(4, np.float32)

@@ -55,6 +55,9 @@ Y = np.arange(60) % 3
 
 DATA_CASES = {
     "missing data_root": (["--set", "data.name=mnist"], "set data.data_root"),
+    "augment a 1-D dataset": (["--set", "data.name=mnist1d", "--set", "data.augment=standard"],
+                              "data.augment=standard is for the built-in image datasets (digits, mnist, "
+                              "fashion_mnist, cifar10, cifar100), not mnist1d"),
     "absent data_root": (["--set", "data.name=mnist", "--set", "data.data_root=/nonexistent/x"], "does not exist"),
     "empty data_root": (["--set", "data.name=fashion_mnist", "--set", "data.data_root={tmp}"], "not found under"),
     "missing file": (["--set", "data.name=npz", "--set", "data.path={tmp}/none.npz"], "does not exist"),
@@ -79,6 +82,7 @@ CONFIG_CASES = {
     "unknown key": (["--set", "trian.epochs=3"], "unknown config key 'trian'"),
     "wrong type": (["--set", "train.batch_size=big"], "train.batch_size must be int"),
     "splits < 1": (["--splits", "0"], "splits must be >= 1"),
+    "negative loader workers": (["--set", "train.num_workers=-1"], "train.num_workers must be >= 0"),
     "val fraction out of range": (["--set", "data.val_fraction=1"], "val_fraction must be in [0, 1)"),
     "blocks pattern matching nothing": (["--set", "transfer.blocks=[conv*]"],
                                         "transfer.blocks pattern 'conv*' matches no floating-point state entry"),

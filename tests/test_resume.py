@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from conftest import HPC_MTO, Hold, read_jsonl, result, run_cli
+from hpc_mto.model_io import read_weights
 from hpc_mto import checkpoint
 from hpc_mto.faults import ENV as INJECT_ENV
 from hpc_mto.signals import EXIT_REQUEUE
@@ -25,11 +26,13 @@ EPOCHS = 4
 # lower minimum lets `best` adopt. A checkpoint at every epoch end, so older ones exist to go back to.
 COMMON = ["--splits", 2, "--set", f"train.epochs={EPOCHS}", "--set", "transfer.interval=1",
           "--set", "transfer.min_samples=20", "--set", "checkpoint.every=0", "--no-progress"]
-# Each mode's exact state differs: adopted weights; averaged ones; cached teacher logits and an SWA
-# average; averages pulled in between checkpoints every 7 steps.
+# Each mode's exact state differs: adopted weights; averaged ones; cached teacher logits, an SWA
+# average and augmented batches (random crops, per sample); averages pulled in between checkpoints
+# every 7 steps.
 MODES = {"best": ["--set", "transfer.policy=best"],
          "average": ["--set", "transfer.policy=average"],
-         "distill": ["--set", "transfer.policy=distill", "--set", "train.swa_epochs=2"],
+         "distill": ["--set", "transfer.policy=distill", "--set", "train.swa_epochs=2",
+                     "--set", "data.augment=standard"],
          "gradual": ["--set", "transfer.policy=average", "--set", "transfer.average_steps=7",
                      "--set", "transfer.average_rate=0.2", "--set", "model.shared_init=true"]}
 
@@ -57,7 +60,7 @@ def stop_step(signalled: int, steps_per_epoch: int = 31) -> int:
 
 
 def same_model(a: Path, b: Path) -> bool:
-    x, y = (torch.load(p / "model.pt", weights_only=True) for p in (a, b))
+    x, y = (read_weights(p / "model.safetensors") for p in (a, b))
     return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
 
 
@@ -173,6 +176,11 @@ def test_file_exchange_replaces_a_missing_peer_by_its_checkpoint_and_never_block
     assert stale and all(s[0]["task"] == 1 for s in stale), stale
     assert all(b is None or b >= 1 for b in behind) and any(b is not None for b in behind), stale
     run_cli("resume", run_dir, "--set", "transfer.peer_timeout=300", "--no-progress")
+    # config.yaml keeps its provenance header and notes the resume's change.
+    header = [line for line in (run_dir / "config.yaml").read_text().splitlines() if line.startswith("#")]
+    assert header[0].startswith("# hpc-mto ") and header[1].startswith("# launched ")
+    assert header[-1].endswith(" with: transfer.peer_timeout=300") and "peer_timeout: 300" in \
+        (run_dir / "config.yaml").read_text()
     r = result(run_dir)
     assert r["selected"]["index"] == max(range(4), key=lambda i: (sum(r["cv_acc"][i]), -i))
 

@@ -9,10 +9,12 @@ import pytest
 import torch
 
 from conftest import QUICK, result, run_cli
+from hpc_mto.model_io import read_weights
 from hpc_mto import checkpoint, data, models, splits
 from hpc_mto.config import load
 from hpc_mto.model_io import load_ensemble, load_output
-from hpc_mto.task import Arrays, evaluate
+from hpc_mto.samples import Arrays
+from hpc_mto.task import evaluate
 
 pytestmark = pytest.mark.mpi
 
@@ -67,7 +69,7 @@ def test_selected_model_is_the_argmax_of_row_means_and_is_saved(finished_run):
     assert r["choices"]["holdout"]["index"] == int(np.argmax(select))
     chosen = r["candidates"][r["selected"]["index"]]
     assert json.loads((run_dir / "model.json").read_text())["candidate"] == chosen["id"]
-    saved = torch.load(run_dir / "model.pt", weights_only=True)
+    saved = read_weights(run_dir / "model.safetensors")
     states = final_states(run_dir, k)[chosen["task"]]
     expected = states["model" if chosen["kind"] == "final" else "best"]
     assert saved.keys() == expected.keys()
@@ -125,7 +127,7 @@ def test_whole_set_baseline_trains_on_the_whole_pool_with_final_and_swa_candidat
 
 
 def test_outputs_soup_student_ensemble_are_built_saved_and_loadable(tmp_path):
-    """Shared initialisation, a student, the soup forced as the output: model.pt is the mean of the
+    """Shared initialisation, a student, the soup forced as the output: model.safetensors is the mean of the
     soup's members (their saved ensemble files), and the ensemble module gives the recorded accuracy."""
     run_dir = tmp_path / "outputs"
     run_cli("launch", "--run-dir", run_dir, "--splits", 3, "--set", "train.epochs=3", "--set", "model.shared_init=true",
@@ -136,9 +138,9 @@ def test_outputs_soup_student_ensemble_are_built_saved_and_loadable(tmp_path):
     assert r["estimate"] == r["outputs"]["soup"]["estimate_acc"]
     info = json.loads((run_dir / "model.json").read_text())
     assert info["candidate"] == "soup" and len(info["ensemble"]) == 3
-    members = [torch.load(run_dir / m, weights_only=True) for m in info["ensemble"]]
+    members = [read_weights(run_dir / m) for m in info["ensemble"]]
     soup_members = [int(m.split("/")[0].removeprefix("task-")) for m in r["outputs"]["soup"]["members"]]
-    saved = torch.load(run_dir / "model.pt", weights_only=True)
+    saved = read_weights(run_dir / "model.safetensors")
     for name, tensor in saved.items():
         mean = sum(members[t][name].double() for t in soup_members) / len(soup_members)
         assert torch.equal(tensor, mean.float()), name

@@ -13,6 +13,8 @@ import torch
 
 from conftest import HPC_MTO, Hold, result, run_cli
 
+from hpc_mto.model_io import read_weights
+
 
 def slurm_reachable() -> bool:
     try:
@@ -49,7 +51,7 @@ def assert_same_model(run_dir: Path, reference: Path) -> None:
     got, want = result(run_dir), result(reference)
     assert got["cv_acc"] == want["cv_acc"]
     assert got["selected"]["id"] == want["selected"]["id"]
-    a, b = (torch.load(d / "model.pt", weights_only=True) for d in (run_dir, reference))
+    a, b = (read_weights(d / "model.safetensors") for d in (run_dir, reference))
     assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
 
 

@@ -9,12 +9,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from conftest import result, run_cli
 from hpc_mto import data, models
-from hpc_mto.config import DataConfig, ModelConfig, build
+from hpc_mto.config import Config, DataConfig, ModelConfig, build
 from hpc_mto.errors import ConfigError, DataError
 from hpc_mto.faults import ENV as INJECT_ENV
 from hpc_mto.signals import EXIT_REQUEUE
@@ -91,10 +92,44 @@ def user_data(tmp_path, monkeypatch):
         "    return Items([0, 1] * 10, with_targets=False)\n")
 
 
-def test_a_data_factory_is_read_into_memory_with_its_labels(user_data):
+def test_a_data_factory_is_read_through_a_loader_with_its_labels(user_data):
     ds = data.load(DataConfig(factory="user_data:good"))
-    assert ds.x.shape == (40, 3) and ds.x[5].tolist() == [5.0, 5.0, 5.0] and ds.y.tolist() == [0, 1, 2, 1] * 10
-    assert ds.x_test.shape == (3, 3) and ds.num_classes == 3 and ds.test_source == "official"
+    assert ds.input_shape == (3,) and ds.y.tolist() == [0, 1, 2, 1] * 10
+    assert ds.y_test.tolist() == [2, 1, 0] and ds.num_classes == 3 and ds.test_source == "official"
+    cfg = Config()
+    for workers in (0, 2):
+        cfg.train.num_workers = workers
+        picked = ds.samples(np.array([5, 7, 9]), "cpu", cfg)
+        (x, y), = picked.batches(8)
+        assert x.tolist() == [[5.0] * 3, [7.0] * 3, [9.0] * 3] and y.tolist() == [1, 1, 1]
+        (x, y), = ds.test_samples("cpu", cfg).batches(8)
+        assert x[:, 0].tolist() == [0.0, 1.0, 2.0] and y.tolist() == [2, 1, 0]
+
+
+def test_augmentation_in_a_data_factory_is_drawn_per_sample_and_leaves_training_rngs_alone(monkeypatch):
+    """The same sample at the same (seed, task, epoch) gets the same draw, whichever batch it falls in
+    and however many loader workers there are; scoring reads the unaugmented view; and reading a batch
+    in this process does not move the generators dropout draws from."""
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    ds = data.load(DataConfig(factory="mto_example.data:blobs", kwargs={"n": 64}))
+    cfg = Config()
+    drawn = {}
+    for workers, batch_size, first_step in ((0, 8, 0), (2, 8, 0), (0, 4, 6), (2, 16, 0)):
+        cfg.train.num_workers = workers
+        train = ds.samples(np.arange(64), "cpu", cfg)
+        order = torch.randperm(64, generator=torch.Generator().manual_seed(1))
+        torch.manual_seed(123)
+        for idx, x, _ in train.training_batches(order, batch_size, first_step, (0, 1, 2)):
+            for p, row in zip(idx.tolist(), x):
+                assert torch.equal(drawn.setdefault(p, row), row), (workers, batch_size, p)
+        after = torch.rand(3)
+        torch.manual_seed(123)
+        assert torch.equal(after, torch.rand(3)), workers
+    plain = torch.cat([x for x, _ in train.batches(64)])
+    assert torch.equal(plain, torch.from_numpy(ds.user.plain.samples[:64]))
+    assert not torch.equal(drawn[0], plain[0])  # augmented
+    other_epoch = next(train.training_batches(torch.arange(64), 64, 0, (0, 1, 3)))[1]
+    assert not torch.equal(other_epoch[0], drawn[0])
 
 
 @pytest.mark.parametrize("spec, message", [
@@ -135,9 +170,11 @@ def reference(tmp_path_factory, env):
 
 @pytest.mark.mpi
 def test_a_user_network_trains_on_k2_ranks_stops_resumes_bitwise_and_loads(reference, tmp_path, env):
+    """The user's dataset augments (noise from torch's global generator) and is read by two loader
+    workers per rank here, by none in the reference: the bits are the same, across a resume too."""
     run_dir = tmp_path / "run"
-    stopped = run_cli("launch", "--run-dir", run_dir, *CONFIG, env={**env, INJECT_ENV: "signal@step:1:50"},
-                      check=False)
+    stopped = run_cli("launch", "--run-dir", run_dir, *CONFIG, "--set", "train.num_workers=2",
+                      env={**env, INJECT_ENV: "signal@step:1:50"}, check=False)
     assert stopped.returncode == EXIT_REQUEUE, stopped.stderr
     run_cli("resume", run_dir, "--no-progress", env=env)
     assert outcome(run_dir) == outcome(reference) and same_model(run_dir, reference)
@@ -146,6 +183,8 @@ def test_a_user_network_trains_on_k2_ranks_stops_resumes_bitwise_and_loads(refer
     code = result(run_dir)["provenance"]["user_code"]["model.factory"]
     assert code["sha256"] == hashlib.sha256((EXAMPLES / "mto_example" / "models.py").read_bytes()).hexdigest()
     assert code["version"] == "0.1.0" and code["module"] == "mto_example.models"
+    assert f"# model.factory: mto_example.models 0.1.0, sha256 {code['sha256'][:16]}" in \
+        (run_dir / "config.yaml").read_text().splitlines()[2:4]
     # The selected model loads as the user's network, with its kwargs.
     proc = subprocess.run([sys.executable, "-c", "import sys; from hpc_mto.model_io import load_selected; "
                            "net = load_selected(sys.argv[1]); print(type(net[2]).__module__, net[1].out_features)",

@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 
 from hpc_mto import checkpoint, config
-from hpc_mto.task import Arrays, Task
+from hpc_mto.samples import Arrays
+from hpc_mto.task import Task
 
 
 def big_task() -> Task:

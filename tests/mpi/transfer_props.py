@@ -14,7 +14,8 @@ from functools import reduce
 from hpc_mto import config, data, splits, transfer
 from hpc_mto.blocks import BlockLayout
 from hpc_mto.comm import MPIComm
-from hpc_mto.task import Arrays, Task, evaluate, model_logits
+from hpc_mto.samples import Arrays
+from hpc_mto.task import Task, evaluate, model_logits
 
 torch.set_num_threads(1)
 comm = MPIComm()
@@ -38,7 +39,8 @@ def make_task(overrides, epochs: int, lr: float) -> Task:
 def exchange(task: Task) -> transfer.Exchange:
     cfg = task.cfg.transfer
     if cfg.fitness == "unseen":
-        judge = transfer.UnseenJudge(SPLITS["ds"].x, SPLITS["ds"].y, SPLITS["s"].val, "cpu", cfg.min_samples)
+        ds = SPLITS["ds"]
+        judge = transfer.UnseenJudge(lambda ids: Arrays.of(ds.x[ids], ds.y[ids], "cpu"), SPLITS["s"].val, cfg.min_samples)
     else:
         judge = transfer.FixedJudge(task.fitness)
     return transfer.Exchange(task, comm, cfg, judge)
@@ -180,7 +182,7 @@ def case_distill_teacher_is_the_peers_mean_logits_on_own_training_samples():
     for j, st in enumerate(states):
         if j != comm.rank:
             task.model.load_state_dict(st)
-            peers.append(model_logits(task.model, task.train.x, 1024).double())
+            peers.append(model_logits(task.model, task.train, 1024).double())
     task.model.load_state_dict(own)
     record = exchange(task).run_round()
     assert record.sources == [j for j in range(comm.size) if j != comm.rank]

@@ -50,7 +50,8 @@ def launch(config: str | Path | dict | config_mod.Config | None = None, run_dir:
 
         slurm.start(p.run, p.cfg, p.request)
         return Run(p.run.path)
-    return Run(p.run.path)._ended(train_here(p, progress))
+    code = train_here(p, progress)  # before Run(): the run directory exists once this has begun
+    return Run(p.run.path)._ended(code)
 
 
 @dataclasses.dataclass

@@ -47,6 +47,7 @@ class BlockLayout:
         self._optimizer = optimizer
         self._param_by_name = dict(model.named_parameters())
         self.with_optimizer_state = with_optimizer_state and optimizer is not None
+        self._pinned: torch.Tensor | None = None  # GPU: the host staging buffer (see _staging)
         self.entries: list[Entry] = []
         offset = 0
         for name in self.model_names:
@@ -84,17 +85,39 @@ class BlockLayout:
 
     def pack(self, out: np.ndarray | None = None) -> np.ndarray:
         out = self.empty() if out is None else out
-        for e, t in zip(self.entries, self.tensors()):
-            out[e.offset:e.offset + e.size] = t.detach().cpu().reshape(-1).numpy()
+        tensors = self.tensors()
+        if tensors and tensors[0].is_cuda:
+            # On a GPU: one buffer assembled on the device, one copy to the host through the pinned
+            # staging buffer, instead of one small device-to-host copy per tensor.
+            with torch.no_grad():
+                staging = self._staging()
+                staging.copy_(torch.cat([t.detach().reshape(-1).float() for t in tensors]))
+            out[:] = staging.numpy()
+            return out
+        for e, t in zip(self.entries, tensors):
+            out[e.offset:e.offset + e.size] = t.detach().reshape(-1).numpy()
         return out
 
     def unpack(self, buf: np.ndarray, model_only: bool = False) -> None:
+        tensors = self.tensors()
         with torch.no_grad():
-            for e, t in zip(self.entries, self.tensors()):
+            if tensors and tensors[0].is_cuda:
+                staging = self._staging()
+                staging.numpy()[:] = buf
+                on_device = staging.to(tensors[0].device)  # one host-to-device copy (synchronous: staging is reused)
+            for e, t in zip(self.entries, tensors):
                 if model_only and not e.name.startswith(MODEL + ":"):
                     continue
-                src = torch.from_numpy(buf[e.offset:e.offset + e.size]).view(e.shape)
-                t.copy_(src.to(t.device, t.dtype))
+                if t.is_cuda:
+                    t.copy_(on_device[e.offset:e.offset + e.size].view(e.shape))
+                else:
+                    t.copy_(torch.from_numpy(buf[e.offset:e.offset + e.size]).view(e.shape))
+
+    def _staging(self) -> torch.Tensor:
+        """The pinned host buffer every GPU pack and unpack goes through (one per layout, made once)."""
+        if self._pinned is None:
+            self._pinned = torch.empty(self.size, dtype=torch.float32, pin_memory=True)
+        return self._pinned
 
     def reset_optimizer_state(self) -> None:
         """Zero the optimizer state of the selected parameters (transfer.optimizer_state=reset)."""

@@ -257,7 +257,8 @@ def run(run_dir: Path, task_index: int | None = None, on_world_up: Callable[[], 
         worker = Worker(run_dir, task_index, on_world_up)
         worker.restore()
         if not worker.train(stop):
-            logger.info(f"stopped by signal {stop.received}: checkpoint written, exiting (status {EXIT_REQUEUE})")
+            why = f"signal {stop.received}" if stop.received is not None else "a peer's stop signal"
+            logger.info(f"stopped by {why}: checkpoint written, exiting (status {EXIT_REQUEUE})")
             worker.leave()
             return EXIT_REQUEUE
         worker.finish()

@@ -161,7 +161,7 @@ class Exchange:
         if cfg.policy == "distill":
             return TransferDecision(**head, **self._distill(tag))
         layout = layout_of(task, cfg)
-        own = layout.pack()
+        own = layout.pack(self.comm.send_buffer(layout.size))  # packed where the exchange sends from
         meta = {"task": task.index, "finite": finite(own) and math.isfinite(task.last_loss),
                 "lineage": task.lineage, "trained_on": task.trained_on}
         if cfg.policy == "average":
@@ -175,7 +175,7 @@ class Exchange:
         if not self.gradual or task.global_step % self.cfg.average_steps or task.epoch < self.cfg.start:
             return
         layout = BlockLayout(task.model, None, self.cfg.blocks, with_optimizer_state=False)
-        own = layout.pack()
+        own = layout.pack(self.comm.send_buffer(layout.size))
         meta = {"task": task.index, "finite": finite(own) and math.isfinite(task.last_loss),
                 "lineage": task.lineage, "trained_on": task.trained_on}
         # Weights only, optimizer state untouched: the pull is small and frequent (PAPA).

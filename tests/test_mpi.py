@@ -27,3 +27,12 @@ def test_transfer_properties_on_four_ranks():
                "unseen_compares_on_samples_neither_lineage_trained_on=400",
                "keep_lineages_refuses_the_smallest_gains_that_would_leave_too_few",
                "distill_teacher_is_the_peers_mean_logits_on_own_training_samples")
+
+
+def test_exchange_properties_on_three_ranks(tmp_path):
+    """Buffers and their metadata travel in one frame bit for bit (metadata longer than the header
+    too); a paired exchange delivers exactly the drawn peers; sums are the task-order float64 sum,
+    bit-equal to the file backend's, on uneven segments and sizes below K."""
+    mpi_script(3, "comm_props.py", tmp_path, "candidates_carry_bits_and_meta",
+               "paired_exchange_delivers_exactly_the_drawn_peers",
+               "allreduce_is_the_task_order_float64_sum_and_equals_the_file_backend", "broadcast_from_each_root")

@@ -75,7 +75,16 @@ class Comm(abc.ABC):
     @abc.abstractmethod
     def allreduce_sum(self, tag: str, buf: np.ndarray, meta: dict) -> tuple[np.ndarray, list[dict]]:
         """Element-wise float64 sum of every task's buffer, added in task order 0..K-1 onto zeros
-        (a task passes zeros to stay out of it), and every task's meta in task order."""
+        (a task passes zeros to stay out of it), and every task's meta in task order. The sum may
+        live in a buffer the backend reuses: it is valid until the next call."""
+
+    def allreduce_mean(self, tag: str, buf: np.ndarray, meta: dict, divisor) -> tuple[np.ndarray | None, list[dict]]:
+        """``float32(sum / divisor(metas))`` with the sum of ``allreduce_sum`` (None where the
+        divisor is 0), and every task's meta. The same bits as dividing that sum; the MPI backend
+        divides each segment where it is summed, so only float32 travels. Valid until the next call."""
+        total, metas = self.allreduce_sum(tag, buf, meta)
+        d = divisor(metas)
+        return ((total / d).astype(np.float32) if d else None), metas
 
     @abc.abstractmethod
     def allgather(self, tag: str, obj) -> list:
@@ -167,8 +176,9 @@ class Frame:
 
 
 class MPIComm(Comm):
-    # Point-to-point messages of a paired exchange: the frame, then (rarely) the metadata overflow.
-    TAG_FRAME, TAG_META = 0x4D54, 0x4D55
+    # Point-to-point messages of a paired exchange: the frame, then (rarely) the metadata overflow;
+    # and the segments of a sum.
+    TAG_FRAME, TAG_META, TAG_SUM = 0x4D54, 0x4D55, 0x4D56
 
     def __init__(self, comm=None):
         from mpi4py import MPI
@@ -180,6 +190,15 @@ class MPIComm(Comm):
         # Kept between rounds (the same size every round): the own blocks' frame and one to receive into.
         self._send: Frame | None = None
         self._recv: Frame | None = None
+        # The sums' receive and result buffers, kept too: fresh pages per call (first-touch faults,
+        # MPI re-registering the memory) cost more than the whole sum at 1 MiB.
+        self._kept: dict[str, np.ndarray] = {}
+
+    def _keep(self, name: str, size: int, dtype) -> np.ndarray:
+        array = self._kept.get(name)
+        if array is None or array.size != size or array.dtype != np.dtype(dtype):
+            array = self._kept[name] = np.empty(size, dtype)
+        return array
 
     def _frame(self, which: str, size: int, dtype) -> Frame:
         frame = getattr(self, which)
@@ -252,23 +271,58 @@ class MPIComm(Comm):
         return meta if root == self.rank else out
 
     def allreduce_sum(self, tag, buf, meta):
-        """A reduce-scatter, then an allgather of the sums. Task s owns segment s of the buffer: it
-        receives every task's part of it as they are (float32 on the wire, no float64 copy of the
-        buffer) and adds them onto zeros in float64 in task order 0..K-1, as the file backend does,
-        so the two give the same bits (MPI's own reduction picks its order itself)."""
-        flat, k = buf.reshape(-1), self.size
-        bounds = [s * flat.size // k for s in range(k + 1)]
-        sizes = [bounds[s + 1] - bounds[s] for s in range(k)]
-        mine = sizes[self.rank]
-        parts = np.empty(k * mine, flat.dtype)
-        self.comm.Alltoallv([flat, (sizes, bounds[:-1])], [parts, ([mine] * k, [j * mine for j in range(k)])])
-        segment = np.zeros(mine, np.float64)
-        for j in range(k):
-            segment += parts[j * mine:(j + 1) * mine]  # upcast element-wise: no float64 copy of the part
-        del parts
-        out = np.empty(flat.size, np.float64)
+        """A reduce-scatter, then an allgather of the sums: the float64 sums travel (twice the
+        bytes of that half)."""
+        segment, sizes, bounds = self._reduce_scatter(buf, np.float64, None)
+        out = self._keep("sum", buf.size, np.float64)
         self.comm.Allgatherv(segment, [out, (sizes, bounds[:-1])])
         return out.reshape(buf.shape), self.comm.allgather(meta)
+
+    def allreduce_mean(self, tag, buf, meta, divisor):
+        """The metas first (they decide the divisor), then a reduce-scatter; each segment is
+        divided where it was summed, and the float32 means are gathered: float32 on the wire both
+        ways, like MPI's own float32 Allreduce."""
+        metas = self.comm.allgather(meta)
+        d = divisor(metas)
+        if not d:
+            return None, metas
+        segment, sizes, bounds = self._reduce_scatter(buf, np.float32, d)
+        out = self._keep("mean", buf.size, np.float32)
+        self.comm.Allgatherv(segment, [out, (sizes, bounds[:-1])])
+        return out.reshape(buf.shape), metas
+
+    # Elements summed at a time: the float64 accumulator (512 KiB) stays in cache while the K
+    # parts stream through it once, so the sum reads each part once and writes the result once.
+    CHUNK = 1 << 16
+
+    def _reduce_scatter(self, buf: np.ndarray, dtype, divisor: int | None) -> tuple[np.ndarray, list[int], list[int]]:
+        """This task's segment of the float64 sum of every task's buffer (divided by ``divisor``
+        when given), as ``dtype``, and the segments' sizes and bounds. Task s owns segment s: it
+        receives every task's part of it as it is (float32 on the wire, no float64 copy of the
+        buffer), pairwise, and adds the parts onto zeros in float64 in task order 0..K-1, as the
+        file backend does, so the two give the same bits (MPI's own reduction picks its order)."""
+        flat, k, me = buf.reshape(-1), self.size, self.rank
+        bounds = [s * flat.size // k for s in range(k + 1)]
+        sizes = [bounds[s + 1] - bounds[s] for s in range(k)]
+        mine = sizes[me]
+        parts = self._keep("parts", k * mine, flat.dtype).reshape(k, mine)
+        for d in range(1, k):  # round d: send to the task d ahead, receive from the one d behind
+            to, frm = (me + d) % k, (me - d) % k
+            self.comm.Sendrecv(flat[bounds[to]:bounds[to + 1]], dest=to, sendtag=self.TAG_SUM,
+                               recvbuf=parts[frm], source=frm, recvtag=self.TAG_SUM)
+        parts[me] = flat[bounds[me]:bounds[me + 1]]
+        segment = self._keep(f"segment-{np.dtype(dtype).name}", mine, dtype)
+        acc = self._keep("accumulator", min(self.CHUNK, mine), np.float64)
+        for lo in range(0, mine, self.CHUNK):
+            hi = min(lo + self.CHUNK, mine)
+            total = acc[:hi - lo]
+            total.fill(0.0)
+            for j in range(k):
+                total += parts[j, lo:hi]  # upcast element by element
+            if divisor is not None:
+                total /= divisor
+            segment[lo:hi] = total
+        return segment, sizes, bounds
 
     def allgather(self, tag, obj):
         return self.comm.allgather(obj)

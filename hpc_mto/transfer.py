@@ -270,12 +270,16 @@ class Exchange:
                  optimizer_state: str) -> dict:
         task = self.task
         contribution = own if meta["finite"] else np.zeros_like(own)
-        total, metas = self.comm.allreduce_sum(tag, contribution, meta)
+        count = lambda metas: sum(1 for m in metas if m["finite"])
+        if rate == 1:  # the mean replaces the blocks: the backend may finish it where it sums
+            mixed, metas = self.comm.allreduce_mean(tag, contribution, meta, count)
+        else:
+            total, metas = self.comm.allreduce_sum(tag, contribution, meta)
+            if count(metas):
+                mixed = ((1 - rate) * own.astype(np.float64) + rate * (total / count(metas))).astype(np.float32)
         finite_metas = [m for m in metas if m["finite"]]
         if finite_metas:
-            mean = total / len(finite_metas)
-            mixed = mean if rate == 1 else (1 - rate) * own.astype(np.float64) + rate * mean
-            _apply(layout, mixed.astype(np.float32), optimizer_state)
+            _apply(layout, mixed, optimizer_state)
             task.lineage = _merge_lineage(*(m["lineage"] for m in finite_metas))
             task.trained_on = _merge_lineage(*(m["trained_on"] for m in finite_metas))
         return {"sources": [m["task"] for m in finite_metas], "accepted": bool(finite_metas),

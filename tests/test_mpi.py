@@ -21,11 +21,13 @@ def test_transfer_properties_on_two_ranks():
 
 def test_transfer_properties_on_four_ranks():
     """The unseen rule judges each pair on the intersection of their validation sets, and makes no
-    comparison on fewer than transfer.min_samples (400: more than any intersection here)."""
+    comparison on fewer than transfer.min_samples (400: more than any intersection here); with
+    transfer.candidates each task scores only the peers drawn for it."""
     mpi_script(4, "transfer_props.py", "average", "best_known", "best_scores=0.0", "best_scores=0.05",
                "unseen_compares_on_samples_neither_lineage_trained_on=1",
                "unseen_compares_on_samples_neither_lineage_trained_on=400",
                "keep_lineages_refuses_the_smallest_gains_that_would_leave_too_few",
+               "candidates_scores_only_the_drawn_peers=1", "candidates_scores_only_the_drawn_peers=2",
                "distill_teacher_is_the_peers_mean_logits_on_own_training_samples")
 
 

@@ -246,19 +246,19 @@ class MPIComm(Comm):
         requests = [self.comm.Isend(send.bytes, dest=i, tag=self.TAG_FRAME) for i in readers]
         if overflow is not None:
             requests += [self.comm.Isend(overflow, dest=i, tag=self.TAG_META) for i in readers]
-        try:
-            for j in sorted(set(pairing[self.rank]) | {self.rank}):
-                if j == self.rank:
-                    yield j, own, meta
-                    continue
-                self.comm.Recv(recv.bytes, source=j, tag=self.TAG_FRAME)
-                extra = None
-                if recv.overflows():
-                    extra = bytearray(recv.meta_length())
-                    self.comm.Recv(extra, source=j, tag=self.TAG_META)
-                yield j, recv.payload, recv.get_meta(None if extra is None else bytes(extra))
-        finally:
-            self._MPI.Request.Waitall(requests)  # the own frame is reused next round
+        for j in sorted(set(pairing[self.rank]) | {self.rank}):
+            if j == self.rank:
+                yield j, own, meta
+                continue
+            self.comm.Recv(recv.bytes, source=j, tag=self.TAG_FRAME)
+            extra = None
+            if recv.overflows():
+                extra = bytearray(recv.meta_length())
+                self.comm.Recv(extra, source=j, tag=self.TAG_META)
+            yield j, recv.payload, recv.get_meta(None if extra is None else bytes(extra))
+        # The own frame is reused next round. Not in a ``finally``: a stream abandoned by an error
+        # must not wait here for readers that may never come (the job is aborted instead).
+        self._MPI.Request.Waitall(requests)
 
     def broadcast(self, tag, buf, meta, root):
         frame = self._frame("_send" if root == self.rank else "_recv", buf.size, buf.dtype)

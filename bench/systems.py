@@ -12,6 +12,15 @@
 - startup: ``hpc-mto launch`` to the first training step;
 - gpu: K tasks sharing one GPU (resnet18, synthetic 3x32x32); skipped without CUDA.
 
+Issue 12 (``--before DIR``: the same measurements also on the code in DIR, e.g. an export of commit
+aad41b4, run through PYTHONPATH):
+- exchange12: a ``best`` round's cost per candidate next to a raw MPI ``Bcast`` of the same buffer,
+  and ``allreduce_sum`` next to a raw float32 ``Allreduce``, 1/10/100 MiB, 2 ranks;
+- rounds12: one round's exchange (no scoring) for K = 2, 4, 8, 16 ranks, oversubscribed on this
+  machine, with every peer and with ``transfer.candidates``: bytes received per task and time;
+- loop12: shares of each task's time spent in transfer rounds and in checkpoints, from
+  ``result.json`` of whole runs (the default config, and checkpoints at every epoch end).
+
 The instrumented parts run as ``mpiexec -n K python bench/systems.py rank-worker|rank-bandwidth``.
 Figures are printed, merged into bench/results/systems.json and written into bench/RESULTS.md.
 """
@@ -75,10 +84,22 @@ def reset_peak() -> None:
     Path("/proc/self/clear_refs").write_text("5")
 
 
-def mpiexec(k: int, *args: str) -> None:
+def mpiexec(k: int, *args: str, env: dict | None = None) -> None:
     from hpc_mto.launchers.local import find_mpiexec
 
-    run_cli([find_mpiexec(), "-n", str(k), sys.executable, __file__, *args], env={"PYTHONUNBUFFERED": "1"})
+    run_cli([find_mpiexec(), "-n", str(k), sys.executable, __file__, *args], env={"PYTHONUNBUFFERED": "1", **(env or {})})
+
+
+# --before DIR: the code the issue-12 sections also measure, as "before" (None: only this tree)
+BEFORE: Path | None = None
+
+
+def code_versions() -> list[tuple[str, dict]]:
+    """(label, environment) of each code version to measure: this tree, and --before's."""
+    versions = [("after", {"PYTHONPATH": str(ROOT)})]
+    if BEFORE is not None:
+        versions.append(("before", {"PYTHONPATH": str(BEFORE)}))
+    return versions
 
 
 def table(header: list[str], rows: list[list]) -> list[str]:
@@ -158,18 +179,18 @@ def rank_worker(run_dir: Path) -> None:
             return real_fitness()
 
     w.task.fitness_loss = fitness_loss
-    rounds, peak, real_round = [], [memory_kib("VmHWM")], transfer.run_round
+    rounds, peak, real_round = [], [memory_kib("VmHWM")], transfer.Exchange.run_round
 
-    def measured_round(task, *args, **kwargs):
+    def measured_round(exchange, *args, **kwargs):
         peak.append(memory_kib("VmHWM"))  # the peak so far (training), before the reset drops it
         reset_peak()
         rss = memory_kib("VmRSS")
-        out = real_round(task, *args, **kwargs)
-        layout = transfer.layout_of(task, w.cfg.transfer)
+        out = real_round(exchange, *args, **kwargs)
+        layout = transfer.layout_of(exchange.task, w.cfg.transfer)
         rounds.append({"extra_kib": memory_kib("VmHWM") - rss, "buffer_kib": layout.size * 4 / 1024})
         return out
 
-    transfer.run_round = measured_round
+    transfer.Exchange.run_round = measured_round  # (the worker's Exchange was built already: patch the class)
     w.restore()
     t0 = perf()
     w.train(StopFlag(w.cfg.checkpoint.signals))
@@ -209,6 +230,89 @@ def rank_bandwidth(out: Path) -> None:
                 rows.append(bandwidth_row(mib, dtype, name, seconds, copy, buf.nbytes))
     if comm.rank == 0:
         write_json(out, rows)
+
+
+def rank_exchange(out: Path) -> None:
+    """Issue 12: what a round pays per candidate next to a raw Bcast of the same float32 buffer,
+    and allreduce_sum next to a raw float32 Allreduce (2 ranks; times on rank 0's clock)."""
+    from mpi4py import MPI
+
+    from hpc_mto.comm import MPIComm
+
+    comm = MPIComm()
+    raw = comm.comm
+    meta = {"task": comm.rank, "finite": True, "lineage": [comm.rank], "trained_on": [comm.rank]}
+    rows = []
+    for mib in SIZES_MIB:
+        n = (mib << 20) // 4
+        # packed where the exchange sends from, as transfer.Exchange does (when the code has it)
+        own = comm.send_buffer(n) if hasattr(comm, "send_buffer") else np.empty(n, np.float32)
+        own[...] = comm.rank + 1
+        dst, scratch, reps = np.empty_like(own), np.empty_like(own), reps_for(own.nbytes)
+
+        def stream():
+            for _ in comm.candidates("bench", own, meta):
+                pass
+
+        def raw_round():  # the same pattern with nothing else: each task's buffer broadcast in turn
+            for j in range(comm.size):
+                raw.Bcast(own if j == comm.rank else scratch, root=j)
+
+        def average():  # what policy average (rate 1) pays for the mean of the blocks
+            if hasattr(comm, "allreduce_mean"):
+                comm.allreduce_mean("bench", own, meta, len)
+            else:  # before: a float64 sum, divided and cast by the caller
+                total, metas = comm.allreduce_sum("bench", own, meta)
+                (total / len(metas)).astype(np.float32)
+
+        bcast = timed(raw_round, reps, raw.Barrier) / comm.size
+        candidate = timed(stream, reps, raw.Barrier) / comm.size  # K Bcasts: a round over K
+        allreduce = timed(lambda: raw.Allreduce(own, dst, op=MPI.SUM), reps, raw.Barrier)
+        mean = timed(average, reps, raw.Barrier)
+        summed = timed(lambda: comm.allreduce_sum("bench", own, meta), reps, raw.Barrier)
+        rows.append({"mib": mib, "bcast_ms": 1e3 * bcast, "candidate_ms": 1e3 * candidate,
+                     "allreduce_ms": 1e3 * allreduce, "average_ms": 1e3 * mean, "allreduce_sum_ms": 1e3 * summed})
+    if comm.rank == 0:
+        write_json(out, rows)
+
+
+ROUND_MIB, ROUND_REPS = 1, 5
+
+
+def rank_rounds(out: Path, m: str) -> None:
+    """Issue 12: one round's exchange of a 1 MiB float32 buffer, no scoring, every peer or m of them
+    (transfer.candidates): the slowest rank's time per round, and the bytes each rank received."""
+    from hpc_mto.comm import MPIComm
+
+    comm = MPIComm()
+    m = None if m == "all" else int(m)
+    meta = {"task": comm.rank, "finite": True, "lineage": [comm.rank], "trained_on": [comm.rank]}
+    n = (ROUND_MIB << 20) // 4
+    own = comm.send_buffer(n) if hasattr(comm, "send_buffer") else np.empty(n, np.float32)
+    own[...] = comm.rank
+    received = []
+
+    def one_round(round_index=[0]):
+        pairs = None
+        if m is not None:
+            from hpc_mto import transfer  # (imports torch: only where the pairing is needed)
+
+            pairs = transfer.pairing(0, round_index[0], comm.size, m)
+        round_index[0] += 1
+        got = 0
+        stream = comm.candidates("bench", own, meta, pairs) if pairs else comm.candidates("bench", own, meta)
+        for j, buf, _ in stream:
+            if j != comm.rank:
+                got += buf.nbytes + (comm._recv.header if getattr(comm, "_recv", None) is not None else 0)
+        received.append(got)
+
+    seconds = timed(one_round, ROUND_REPS, comm.comm.Barrier)
+    slowest = max(comm.comm.allgather(seconds))
+    per_rank = comm.comm.allgather(statistics.fmean(received))
+    if comm.rank == 0:
+        write_json(out, {"k": comm.size, "m": m, "round_ms": 1e3 * slowest,
+                         "mib_received_per_task": statistics.fmean(per_rank) / 2**20,
+                         "mib_moved_per_round": sum(per_rank) / 2**20})
 
 
 def bandwidth_row(mib, dtype, op, seconds, copy_seconds, nbytes) -> dict:
@@ -285,6 +389,69 @@ def file_bandwidth() -> list[dict]:
                     rows.append(bandwidth_row(mib, dtype, op, s, copy, buf.nbytes))
                 rows.append(bandwidth_row(mib, dtype, f"memory copy (file test, {label})", copy, copy, buf.nbytes))
         shutil.rmtree(where, ignore_errors=True)
+    return rows
+
+
+EXCHANGE_RUNS = 3
+
+
+def exchange12() -> list[dict]:
+    """EXCHANGE_RUNS runs per code version, interleaved (after, before, after, …): the machine's
+    load moves between runs, so each figure is the median over the runs of each one's fastest."""
+    runs = defaultdict(list)
+    SCRATCH.mkdir(parents=True, exist_ok=True)
+    for i in range(EXCHANGE_RUNS):
+        for label, env in code_versions():
+            out = SCRATCH / f"exchange12-{label}-{i}.json"
+            mpiexec(2, "rank-exchange", str(out), env=env)
+            for r in read_json(out):
+                runs[(label, r["mib"])].append(r)
+    return [{"code": label, "mib": mib, "runs": len(rs),
+             **{key: statistics.median(r[key] for r in rs) for key in rs[0] if key.endswith("_ms")},
+             # the ratios per run (a run's raw op and ours ran under the same load), then their median
+             "candidate_x": statistics.median(r["bcast_ms"] / r["candidate_ms"] for r in rs),
+             "mean_x": statistics.median(r["allreduce_ms"] / r["average_ms"] for r in rs),
+             "sum_x": statistics.median(r["allreduce_ms"] / r["allreduce_sum_ms"] for r in rs)}
+            for (label, mib), rs in runs.items()]
+
+
+ROUND_KS, ROUND_M = (2, 4, 8, 16), 1
+
+
+def rounds12() -> list[dict]:
+    rows = []
+    for label, env in code_versions():
+        for k in ROUND_KS:
+            for m in ("all", str(ROUND_M)) if label == "after" else ("all",):  # before: no transfer.candidates
+                out = SCRATCH / f"rounds12-{label}-{k}-{m}.json"
+                mpiexec(k, "rank-rounds", str(out), m, env=env)
+                rows.append({**read_json(out), "code": label})
+    return rows
+
+
+LOOP_REPS = 2
+LOOP_RUNS = {"default config (distill, interval 5, checkpoint.every 60 s)": [],
+             "checkpoint at every epoch end (checkpoint.every 0), policy best, interval 1":
+                 ["checkpoint.every=0", "transfer.policy=best", "transfer.interval=1"]}
+
+
+def loop12() -> list[dict]:
+    """Whole runs (digits, K=4, 30 epochs): each task's seconds by part from result.json, as shares
+    of its training loop (train + eval + transfer + checkpoint; eval includes the final selection)."""
+    rows = []
+    versions = [(rep, label, env) for rep in range(LOOP_REPS) for label, env in code_versions()]
+    for rep, label, env in versions:  # interleaved: after, before, after, before
+        for name, overrides in LOOP_RUNS.items():
+            run_dir = SCRATCH / f"loop12-{label}-{len(overrides)}-{rep}"
+            shutil.rmtree(run_dir, ignore_errors=True)
+            t0 = perf()
+            run_cli(launch_command(run_dir, None, overrides), env=env)
+            wall = perf() - t0
+            per_task = read_json(run_dir / "result.json")["timing"]["per_task"]
+            share = {key: statistics.fmean(t[key] / sum(t.values()) for t in per_task)
+                     for key in ("transfer", "checkpoint")}
+            rows.append({"code": label, "run": name, "rep": rep, "wall_s": wall, "loop_s": statistics.fmean(
+                sum(t.values()) for t in per_task), **share})
     return rows
 
 
@@ -451,6 +618,33 @@ def render_startup(rows) -> list[str]:
                    f"{r['first_metrics_line_s']:.1f}", f"{r['wall_s']:.1f}"] for r in rows])
 
 
+def render_exchange12(rows) -> list[str]:
+    out = []
+    for r in rows:
+        out.append([r["code"], r["mib"], f"{r['bcast_ms']:.2f}", f"{r['candidate_ms']:.2f}",
+                    f"{r['candidate_x']:.2f}×", f"{r['allreduce_ms']:.2f}",
+                    f"{r['average_ms']:.2f}", f"{r['mean_x']:.2f}×",
+                    f"{r['allreduce_sum_ms']:.2f}", f"{r['sum_x']:.2f}×"])
+    return table(["code", "MiB", "raw Bcast ms (per buffer, a round of K)", "per candidate ms",
+                  "candidate × raw Bcast (target ≥ 0.8)", "raw f32 Allreduce ms", "average's mean ms",
+                  "mean × raw Allreduce (target ≥ 0.8)", "allreduce_sum (float64) ms", "sum × raw Allreduce"], out)
+
+
+def render_rounds12(rows) -> list[str]:
+    return table(["code", "K", "peers scored", "round ms (slowest rank)", "MiB received per task",
+                  "MiB moved per round (all tasks)"],
+                 [[r["code"], r["k"], "all (K−1)" if r["m"] is None else r["m"], f"{r['round_ms']:.1f}",
+                   f"{r['mib_received_per_task']:.2f}", f"{r['mib_moved_per_round']:.1f}"] for r in rows])
+
+
+def render_loop12(rows) -> list[str]:
+    return table(["code", "run", "repetition", "launch wall s", "loop s per task", "transfer rounds % (target ≤ 3)",
+                  "checkpoints % (target ≤ 3)"],
+                 [[r["code"], r["run"], r.get("rep", 0) + 1, f"{r['wall_s']:.0f}", f"{r['loop_s']:.1f}",
+                   pct(r["transfer"]), pct(r["checkpoint"])]
+                  for r in sorted(rows, key=lambda r: (r["run"], r["code"], r.get("rep", 0)))])
+
+
 def render_gpu(row) -> list[str]:
     if "skipped" in row:
         return [f"GPU case skipped: {row['skipped']}."]
@@ -471,25 +665,51 @@ SECTIONS = {"overhead": (overhead, render_overhead,
                        "VmHWM during the round − VmRSS before it"),
             "resume": (resume, render_resume, "Resume after a preemption (digits default, K=4, 3 epochs)"),
             "startup": (startup, render_startup, "Start-up: seconds after `hpc-mto launch` starts (digits default)"),
-            "gpu": (gpu, render_gpu, "GPU case")}
+            "gpu": (gpu, render_gpu, "GPU case"),
+            "exchange12": (exchange12, render_exchange12,
+                           "Issue 12, exchange: a `best` round's cost per candidate against raw MPI Bcasts of the "
+                           "same float32 buffers (each task's in turn), and `average`'s mean (rate 1) and the "
+                           "float64 sum against a raw float32 Allreduce (2 ranks; fastest of 5–20 repetitions in a "
+                           f"run, median of {EXCHANGE_RUNS} interleaved runs per code version; × = raw time / our "
+                           "time, per run)"),
+            "rounds12": (rounds12, render_rounds12,
+                         f"Issue 12, cost per round against K: one round's exchange of a {ROUND_MIB} MiB buffer "
+                         f"(no scoring), K ranks oversubscribed on this machine's cores; every peer, or "
+                         f"transfer.candidates={ROUND_M}; fastest of {ROUND_REPS} rounds"),
+            "loop12": (loop12, render_loop12,
+                       "Issue 12, shares of each task's loop time (digits, K=4, 30 epochs, whole runs; mean over "
+                       "tasks; loop = train + eval + transfer + checkpoint from result.json)")}
 
 
-def render(saved: dict) -> str:
-    out = [f"Machine: {machine_line(saved['machine'])}.", ""]
-    for name, (_, show, title) in SECTIONS.items():
-        if name in saved:
-            out += [f"**{title}** ({saved['section_wall_s'][name]:.0f} s)", ""] + show(saved[name]) + [""]
+ISSUE12 = ("exchange12", "rounds12", "loop12")  # rendered into their own block, with their own machine line
+
+
+def render(saved: dict, names) -> str:
+    names = [n for n in names if n in saved]
+    if not names:
+        return ""
+    where = saved.get("machine_of", {}).get(names[0], saved["machine"])
+    out = [f"Machine: {machine_line(where)}.", ""]
+    for name in names:
+        _, show, title = SECTIONS[name]
+        out += [f"**{title}** ({saved['section_wall_s'][name]:.0f} s)", ""] + show(saved[name]) + [""]
     return "\n".join(out)
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=list(SECTIONS))
-    p.add_argument("rank", nargs="*", help=argparse.SUPPRESS)  # rank-worker RUN_DIR | rank-bandwidth OUT
+    p.add_argument("--before", type=Path, default=None,
+                   help="issue-12 sections: also measure the hpc_mto package in this directory (before)")
+    p.add_argument("rank", nargs="*", help=argparse.SUPPRESS)  # rank-worker RUN_DIR | rank-bandwidth OUT | ...
     args = p.parse_args(argv)
     if args.rank:
-        in_rank({"rank-worker": rank_worker, "rank-bandwidth": rank_bandwidth}[args.rank[0]], Path(args.rank[1]))
+        fn = {"rank-worker": rank_worker, "rank-bandwidth": rank_bandwidth, "rank-exchange": rank_exchange,
+              "rank-rounds": lambda out: rank_rounds(out, args.rank[2])}[args.rank[0]]
+        in_rank(fn, Path(args.rank[1]))
         return
+    global BEFORE
+    BEFORE = args.before
     be_nice()
     saved = read_json(OUT, {})
     saved["machine"] = machine()
@@ -498,10 +718,14 @@ def main(argv=None) -> None:
         t0 = perf()
         saved[name] = SECTIONS[name][0]()
         saved.setdefault("section_wall_s", {})[name] = perf() - t0
+        saved.setdefault("machine_of", {})[name] = saved["machine"]
         write_json(OUT, saved)  # keep what we have if a later section fails
-    text = render(saved)
-    update_results("systems", text)
-    print(text)
+    older = [n for n in SECTIONS if n not in ISSUE12]
+    if any(n in older for n in args.sections):
+        update_results("systems", render(saved, older))
+    if any(n in ISSUE12 for n in args.sections):
+        update_results("systems12", render(saved, ISSUE12))
+    print(render(saved, args.sections))
 
 
 if __name__ == "__main__":

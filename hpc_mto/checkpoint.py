@@ -5,6 +5,11 @@ temporary name, fsynced and renamed; a SHA-256 over every dataset and the attrib
 so a truncated or corrupted file is detected on load. Old files are pruned only after the new one is
 durable. What goes into a state is decided by its owners (``Task.state_dict`` and the worker's
 bookkeeping); this module only stores, verifies and finds files.
+
+``BackgroundWriter`` takes the write off the training path: the state is copied to host memory
+(``snapshot``), then written, fsynced, renamed and checksummed in a thread while training goes on.
+A kill during that write leaves a hidden temporary file and the previous checkpoint intact, as with
+a write in the foreground.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import hashlib
 import json
 import os
 import re
+import threading
 from pathlib import Path
 
 import h5py
@@ -65,6 +71,49 @@ def save(root: Path, task: int, step: int, state: State) -> Path:
             f.attrs["meta"] = json.dumps(state.meta)
             f.attrs["sha256"] = _digest(f)
     return path
+
+
+def snapshot(state: State) -> State:
+    """A copy of ``state`` that training can no longer change: on CPU a task's arrays are views of
+    its live tensors, which the next optimizer step overwrites."""
+    return State({name: np.array(array, copy=True) for name, array in state.arrays.items()},
+                 json.loads(json.dumps(state.meta)))
+
+
+class BackgroundWriter:
+    """One checkpoint write at a time, in a thread: ``start`` snapshots the state and returns;
+    ``wait`` returns once the write in flight is durable (its path), raising what made it fail."""
+
+    def __init__(self):
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._written: Path | None = None
+
+    def start(self, root: Path, task: int, step: int, state: State) -> None:
+        self.wait()  # one write at a time: a second would race the first's pruning and temporary name
+        frozen = snapshot(state)
+        self._thread = threading.Thread(target=self._write, args=(root, task, step, frozen),
+                                        name=f"checkpoint-{step}")
+        self._thread.start()
+
+    def _write(self, root: Path, task: int, step: int, state: State) -> None:
+        try:
+            self._written = save(root, task, step, state)
+        except BaseException as exc:  # raised in the training thread, at its next wait
+            self._error = exc
+
+    @property
+    def busy(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def wait(self) -> Path | None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+        return self._written
 
 
 def prune(root: Path, task: int, keep: int) -> None:

@@ -1,16 +1,20 @@
 """The exchange between the K tasks: one abstract interface, three backends.
 
 - ``MPIComm``: one MPI world (mpiexec locally, srun --mpi=pmi2 on SLURM). Parameter buffers move
-  with buffer-based ``Bcast``/``Allreduce`` on numpy views; only small metadata (scores, flags,
-  lineage) uses mpi4py's object calls.
+  with buffer-based calls on numpy views, each in one message with its metadata in front of it (a
+  ``Frame``: no separate pickled call per candidate); only small gathers (scores, proposals) use
+  mpi4py's object calls.
 - ``FileComm``: tasks that share no MPI world (SLURM array jobs) publish HDF5 files under
   ``RUN_DIR/exchange/`` and read their peers'. A peer that does not publish within the timeout is
   replaced by what the backend's ``fallback`` supplies (its newest checkpoint), marked stale.
 - ``SoloComm``: a single task in-process (K=1, and unit tests).
 
 Streaming: ``candidates`` yields one peer buffer at a time into a reused array, so the memory a task
-spends on a transfer does not grow with K. Callers use only the ``Comm`` interface; which backend
-runs is decided once, by ``connect``.
+spends on a transfer does not grow with K. With a ``pairing`` (who scores whom, ``transfer.candidates``)
+a task receives only the m peers it scores: point-to-point on MPI, so a round's traffic per task does
+not grow with K. Sums (``allreduce_sum``) are float64 sums in task order 0..K-1 on every backend, so
+MPI and files give the same bits. Callers use only the ``Comm`` interface; which backend runs is
+decided once, by ``connect``.
 """
 
 from __future__ import annotations
@@ -50,10 +54,18 @@ class Comm(abc.ABC):
     # Whether the tasks move in lockstep (and may rely on each other's checkpoints existing).
     synchronous: bool = True
 
+    def send_buffer(self, size: int, dtype=np.float32) -> np.ndarray:
+        """An array to pack this task's blocks into before ``candidates``/``broadcast``: the MPI
+        backend hands out the payload of its send frame, so the own buffer is never copied."""
+        return np.empty(size, dtype)
+
     @abc.abstractmethod
-    def candidates(self, tag: str, own: np.ndarray, meta: dict) -> Iterator[tuple[int, np.ndarray, dict]]:
-        """Every task's buffer and metadata, in task order (the own one included). A yielded
-        buffer is valid until the next one is requested."""
+    def candidates(self, tag: str, own: np.ndarray, meta: dict,
+                   pairing: list[list[int]] | None = None) -> Iterator[tuple[int, np.ndarray, dict]]:
+        """Every task's buffer and metadata, in task order (the own one included); with a
+        ``pairing`` (``pairing[i]``: the peers task i scores, the same list on every task) only this
+        task's own and its ``pairing[rank]`` peers'. A yielded buffer is valid until the next one is
+        requested; the stream must be consumed to its end."""
 
     @abc.abstractmethod
     def broadcast(self, tag: str, buf: np.ndarray, meta: dict, root: int) -> dict:
@@ -62,8 +74,17 @@ class Comm(abc.ABC):
 
     @abc.abstractmethod
     def allreduce_sum(self, tag: str, buf: np.ndarray, meta: dict) -> tuple[np.ndarray, list[dict]]:
-        """Element-wise float64 sum of every task's buffer (a task passes zeros to stay out of
-        it), and every task's meta in task order."""
+        """Element-wise float64 sum of every task's buffer, added in task order 0..K-1 onto zeros
+        (a task passes zeros to stay out of it), and every task's meta in task order. The sum may
+        live in a buffer the backend reuses: it is valid until the next call."""
+
+    def allreduce_mean(self, tag: str, buf: np.ndarray, meta: dict, divisor) -> tuple[np.ndarray | None, list[dict]]:
+        """``float32(sum / divisor(metas))`` with the sum of ``allreduce_sum`` (None where the
+        divisor is 0), and every task's meta. The same bits as dividing that sum; the MPI backend
+        divides each segment where it is summed, so only float32 travels. Valid until the next call."""
+        total, metas = self.allreduce_sum(tag, buf, meta)
+        d = divisor(metas)
+        return ((total / d).astype(np.float32) if d else None), metas
 
     @abc.abstractmethod
     def allgather(self, tag: str, obj) -> list:
@@ -90,7 +111,7 @@ class Comm(abc.ABC):
 class SoloComm(Comm):
     rank, size = 0, 1
 
-    def candidates(self, tag, own, meta):
+    def candidates(self, tag, own, meta, pairing=None):
         yield 0, own, meta
 
     def broadcast(self, tag, buf, meta, root):
@@ -109,7 +130,56 @@ class SoloComm(Comm):
         pass
 
 
+class Frame:
+    """One message: a header (metadata as JSON, its length first) and the payload right behind it,
+    in one contiguous byte array, so a buffer and its metadata travel in a single MPI call.
+
+    The header has a fixed capacity that every task derives from K alone, so a receiver knows the
+    message size in advance; metadata longer than that (lineages of a very large K) follows in a
+    second message of the length the header gives.
+    """
+
+    ALIGN = 64  # the payload starts on a cache line (and satisfies any dtype's alignment)
+
+    def __init__(self, size: int, dtype, k: int):
+        self.header = -(-(4096 + 16 * k) // self.ALIGN) * self.ALIGN
+        self.dtype = np.dtype(dtype)
+        self.bytes = np.empty(self.header + size * self.dtype.itemsize, np.uint8)
+        self.payload = self.bytes[self.header:].view(self.dtype)
+
+    def fits(self, size: int, dtype) -> bool:
+        return self.payload.size == size and self.dtype == np.dtype(dtype)
+
+    def holds(self, buf: np.ndarray) -> bool:
+        """Whether ``buf`` is this frame's payload (packed in place: nothing to copy)."""
+        return buf.dtype == self.dtype and buf.size == self.payload.size and \
+            buf.__array_interface__["data"][0] == self.payload.__array_interface__["data"][0]
+
+    def put_meta(self, meta: dict) -> bytes | None:
+        """Write ``meta`` into the header; the encoded bytes when they do not fit (sent after)."""
+        text = json.dumps(meta, separators=(",", ":")).encode()
+        self.bytes[:8] = np.frombuffer(len(text).to_bytes(8, "little"), np.uint8)
+        if len(text) <= self.header - 8:
+            self.bytes[8:8 + len(text)] = np.frombuffer(text, np.uint8)
+            return None
+        return text
+
+    def meta_length(self) -> int:
+        return int.from_bytes(self.bytes[:8].tobytes(), "little")
+
+    def overflows(self) -> bool:
+        return self.meta_length() > self.header - 8
+
+    def get_meta(self, overflow: bytes | None = None) -> dict:
+        n = self.meta_length()
+        return json.loads(overflow if overflow is not None else self.bytes[8:8 + n].tobytes())
+
+
 class MPIComm(Comm):
+    # Point-to-point messages of a paired exchange: the frame, then (rarely) the metadata overflow;
+    # and the segments of a sum.
+    TAG_FRAME, TAG_META, TAG_SUM = 0x4D54, 0x4D55, 0x4D56
+
     def __init__(self, comm=None):
         from mpi4py import MPI
 
@@ -117,26 +187,142 @@ class MPIComm(Comm):
         self.comm = comm or MPI.COMM_WORLD
         self.rank = self.comm.Get_rank()
         self.size = self.comm.Get_size()
-        self._scratch: np.ndarray | None = None
+        # Kept between rounds (the same size every round): the own blocks' frame and one to receive into.
+        self._send: Frame | None = None
+        self._recv: Frame | None = None
+        # The sums' receive and result buffers, kept too: fresh pages per call (first-touch faults,
+        # MPI re-registering the memory) cost more than the whole sum at 1 MiB.
+        self._kept: dict[str, np.ndarray] = {}
 
-    def candidates(self, tag, own, meta):
-        if self._scratch is None or self._scratch.shape != own.shape:
-            self._scratch = np.empty_like(own)
+    def _keep(self, name: str, size: int, dtype) -> np.ndarray:
+        array = self._kept.get(name)
+        if array is None or array.size != size or array.dtype != np.dtype(dtype):
+            array = self._kept[name] = np.empty(size, dtype)
+        return array
+
+    def _frame(self, which: str, size: int, dtype) -> Frame:
+        frame = getattr(self, which)
+        if frame is None or not frame.fits(size, dtype):
+            frame = Frame(size, dtype, self.size)
+            setattr(self, which, frame)
+        return frame
+
+    def send_buffer(self, size, dtype=np.float32):
+        return self._frame("_send", size, dtype).payload
+
+    def _outgoing(self, own: np.ndarray, meta: dict) -> tuple[Frame, bytes | None]:
+        frame = self._frame("_send", own.size, own.dtype)
+        if not frame.holds(own):
+            frame.payload[...] = own.reshape(-1)  # not packed in place: one copy
+        return frame, frame.put_meta(meta)
+
+    def _bcast_frame(self, frame: Frame, root: int, overflow: bytes | None) -> dict:
+        self.comm.Bcast(frame.bytes, root=root)
+        if frame.overflows():
+            extra = bytearray(overflow) if root == self.rank else bytearray(frame.meta_length())
+            self.comm.Bcast(extra, root=root)
+            return frame.get_meta(bytes(extra))
+        return frame.get_meta()
+
+    def candidates(self, tag, own, meta, pairing=None):
+        if pairing is not None:
+            yield from self._paired(own, meta, pairing)
+            return
+        send, overflow = self._outgoing(own, meta)
+        recv = self._frame("_recv", own.size, own.dtype)
         for j in range(self.size):
-            buf = own if j == self.rank else self._scratch
-            self.comm.Bcast(buf, root=j)
-            yield j, buf, self.comm.bcast(meta if j == self.rank else None, root=j)
+            if j == self.rank:
+                self._bcast_frame(send, j, overflow)
+                yield j, own, meta
+            else:
+                yield j, recv.payload, self._bcast_frame(recv, j, None)
+
+    def _paired(self, own, meta, pairing):
+        """Each task sends its frame only to the tasks that score it, all sends posted before any
+        receive (so no order of receives can deadlock), and receives its own peers one at a time."""
+        send, overflow = self._outgoing(own, meta)
+        recv = self._frame("_recv", own.size, own.dtype)
+        readers = [i for i in range(self.size) if i != self.rank and self.rank in pairing[i]]
+        requests = [self.comm.Isend(send.bytes, dest=i, tag=self.TAG_FRAME) for i in readers]
+        if overflow is not None:
+            requests += [self.comm.Isend(overflow, dest=i, tag=self.TAG_META) for i in readers]
+        for j in sorted(set(pairing[self.rank]) | {self.rank}):
+            if j == self.rank:
+                yield j, own, meta
+                continue
+            self.comm.Recv(recv.bytes, source=j, tag=self.TAG_FRAME)
+            extra = None
+            if recv.overflows():
+                extra = bytearray(recv.meta_length())
+                self.comm.Recv(extra, source=j, tag=self.TAG_META)
+            yield j, recv.payload, recv.get_meta(None if extra is None else bytes(extra))
+        # The own frame is reused next round. Not in a ``finally``: a stream abandoned by an error
+        # must not wait here for readers that may never come (the job is aborted instead).
+        self._MPI.Request.Waitall(requests)
 
     def broadcast(self, tag, buf, meta, root):
-        self.comm.Bcast(buf, root=root)
-        return self.comm.bcast(meta if root == self.rank else None, root=root)
+        frame = self._frame("_send" if root == self.rank else "_recv", buf.size, buf.dtype)
+        overflow = None
+        if root == self.rank:
+            frame, overflow = self._outgoing(buf, meta)
+        out = self._bcast_frame(frame, root, overflow)
+        if root != self.rank:
+            buf.reshape(-1)[...] = frame.payload
+        return meta if root == self.rank else out
 
     def allreduce_sum(self, tag, buf, meta):
-        # Summing in float64 makes the result independent of the reduction order MPI picks in
-        # practice, so the file backend (which sums in task order) gives the same bits.
-        out = np.empty(buf.shape, np.float64)
-        self.comm.Allreduce(buf.astype(np.float64), out, op=self._MPI.SUM)
-        return out, self.comm.allgather(meta)
+        """A reduce-scatter, then an allgather of the sums: the float64 sums travel (twice the
+        bytes of that half)."""
+        segment, sizes, bounds = self._reduce_scatter(buf, np.float64, None)
+        out = self._keep("sum", buf.size, np.float64)
+        self.comm.Allgatherv(segment, [out, (sizes, bounds[:-1])])
+        return out.reshape(buf.shape), self.comm.allgather(meta)
+
+    def allreduce_mean(self, tag, buf, meta, divisor):
+        """The metas first (they decide the divisor), then a reduce-scatter; each segment is
+        divided where it was summed, and the float32 means are gathered: float32 on the wire both
+        ways, like MPI's own float32 Allreduce."""
+        metas = self.comm.allgather(meta)
+        d = divisor(metas)
+        if not d:
+            return None, metas
+        segment, sizes, bounds = self._reduce_scatter(buf, np.float32, d)
+        out = self._keep("mean", buf.size, np.float32)
+        self.comm.Allgatherv(segment, [out, (sizes, bounds[:-1])])
+        return out.reshape(buf.shape), metas
+
+    # Elements summed at a time: the float64 accumulator (512 KiB) stays in cache while the K
+    # parts stream through it once, so the sum reads each part once and writes the result once.
+    CHUNK = 1 << 16
+
+    def _reduce_scatter(self, buf: np.ndarray, dtype, divisor: int | None) -> tuple[np.ndarray, list[int], list[int]]:
+        """This task's segment of the float64 sum of every task's buffer (divided by ``divisor``
+        when given), as ``dtype``, and the segments' sizes and bounds. Task s owns segment s: it
+        receives every task's part of it as it is (float32 on the wire, no float64 copy of the
+        buffer), pairwise, and adds the parts onto zeros in float64 in task order 0..K-1, as the
+        file backend does, so the two give the same bits (MPI's own reduction picks its order)."""
+        flat, k, me = buf.reshape(-1), self.size, self.rank
+        bounds = [s * flat.size // k for s in range(k + 1)]
+        sizes = [bounds[s + 1] - bounds[s] for s in range(k)]
+        mine = sizes[me]
+        parts = self._keep("parts", k * mine, flat.dtype).reshape(k, mine)
+        for d in range(1, k):  # round d: send to the task d ahead, receive from the one d behind
+            to, frm = (me + d) % k, (me - d) % k
+            self.comm.Sendrecv(flat[bounds[to]:bounds[to + 1]], dest=to, sendtag=self.TAG_SUM,
+                               recvbuf=parts[frm], source=frm, recvtag=self.TAG_SUM)
+        parts[me] = flat[bounds[me]:bounds[me + 1]]
+        segment = self._keep(f"segment-{np.dtype(dtype).name}", mine, dtype)
+        acc = self._keep("accumulator", min(self.CHUNK, mine), np.float64)
+        for lo in range(0, mine, self.CHUNK):
+            hi = min(lo + self.CHUNK, mine)
+            total = acc[:hi - lo]
+            total.fill(0.0)
+            for j in range(k):
+                total += parts[j, lo:hi]  # upcast element by element
+            if divisor is not None:
+                total /= divisor
+            segment[lo:hi] = total
+        return segment, sizes, bounds
 
     def allgather(self, tag, obj):
         return self.comm.allgather(obj)
@@ -206,10 +392,11 @@ class FileComm(Comm):
         log.warning(f"task {j} did not publish {tag}: using its newest checkpoint from no later than this round")
         return {**meta, "stale": True}
 
-    def candidates(self, tag, own, meta):
+    def candidates(self, tag, own, meta, pairing=None):
         self.publish(tag, own, meta)
         scratch = np.empty_like(own)
-        for j in range(self.size):
+        peers = range(self.size) if pairing is None else sorted(set(pairing[self.rank]) | {self.rank})
+        for j in peers:
             if j == self.rank:
                 yield j, own, meta
             else:

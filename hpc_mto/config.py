@@ -91,6 +91,9 @@ class TransferConfig:
                                   "lineage, its own validation set, or a training probe", ("unseen", "val", "train"))
     min_samples: int = _opt(100, "fitness 'unseen': a comparison on fewer samples is not made")
     probe_size: int = _opt(512, "size of the fixed training probe when fitness is 'train'")
+    candidates: int | None = _opt(None, "best, interpolate, distill: peers each task scores per round, drawn "
+                                        "from (seed, round, task); a round's cost per task then stays flat "
+                                        "in K (unset: every peer)")
     min_gain: float = _opt(0.0, "a candidate is adopted when its fitness loss is lower by more than this")
     adopt_quantile: float = _opt(1.0, "only this fraction of the tasks, the worst by their own fitness, may "
                                       "adopt in a round (PBT's truncation; 1: all)")
@@ -182,6 +185,9 @@ class Config:
             (self.transfer.interval >= 1, "transfer.interval must be >= 1 (epochs)"),
             (self.transfer.start >= 0, "transfer.start must be >= 0 (epochs)"),
             (self.transfer.min_samples >= 1, "transfer.min_samples must be >= 1"),
+            (self.transfer.candidates is None or 1 <= self.transfer.candidates <= self.splits - 1,
+             f"transfer.candidates must be between 1 and splits - 1 = {self.splits - 1} (peers scored per "
+             "round), or unset for every peer"),
             (0 < self.transfer.adopt_quantile <= 1, "transfer.adopt_quantile must be in (0, 1]"),
             (self.transfer.adopt_lr_factor > 0, "transfer.adopt_lr_factor must be > 0"),
             (0 <= self.transfer.keep_lineages <= 1, "transfer.keep_lineages must be in [0, 1]"),
@@ -240,6 +246,9 @@ class Config:
              "soup/student and selection.distill_output need a holdout"),
             (not (self.selection.output == "soup" and not self.model.shared_init),
              "selection.output=soup needs model.shared_init=true (weights of unrelated networks do not average)"),
+            (self.transfer.candidates is None or self.transfer.policy in ("best", "interpolate", "distill"),
+             f"transfer.candidates applies to policies best, interpolate and distill, not "
+             f"{self.transfer.policy} (average sums every task's blocks)"),
             (not (self.selection.output == "student" and not self.selection.distill_output),
              "selection.output=student needs selection.distill_output=true"),
         ]

@@ -160,6 +160,8 @@ class TransferDecision(Record):
     gain: float | None = None
     # average: the tasks whose blocks were averaged; distill: the peers whose logits were used
     sources: list[int] | None = None
+    # transfer.candidates: the peers this task scored in the round (null: every peer)
+    peers: list[int] | None = None
 
     def adopted_from(self) -> list[int]:
         """The tasks whose blocks the target took in, itself excluded."""

@@ -20,6 +20,10 @@ adopt (PBT's truncation), and ``keep_lineages`` bounds how far a round may shrin
 diversity: adoptions are taken in order of gain while at least that fraction of the K lineages
 (distinct initialisations) remains, so one lucky task cannot take over every other.
 
+With ``candidates`` m (unset: every peer) a task scores only m peers per round, drawn from (seed,
+round, task) alone (``scored_peers``), so every task knows who scores whom without asking, and a
+round's traffic and scoring per task stay flat in K; ``best``, ``interpolate`` and ``distill`` use it.
+
 A task whose blocks or loss are not finite is never a source, and a candidate is adopted only on a
 finite score. Each round returns one decision record per task for ``transfers/task-<t>.jsonl``.
 The metadata a task sends with its blocks is defined here, and so is what stands in for a late
@@ -64,6 +68,24 @@ def choose_source(gains: dict[int, tuple[float, float]], min_gain: float) -> tup
     j = max(gains, key=lambda i: (gains[i][0], -gains[i][1], -i))
     gain = gains[j][0]
     return (j, gain) if gain > min_gain else (None, gain)
+
+
+def scored_peers(seed: int, round_index: int, task: int, k: int, m: int | None) -> list[int]:
+    """The peers task ``task`` scores in round ``round_index`` (``transfer.candidates`` m; None: every
+    peer), in task order. A pure function of its arguments: every task computes every task's draw,
+    a resumed run draws what the uninterrupted one drew, and MPI and files agree."""
+    others = [j for j in range(k) if j != task]
+    if m is None or m >= len(others):
+        return others
+    rng = np.random.default_rng(np.random.SeedSequence([seed, round_index, task, 0xCA7D]))
+    return sorted(int(j) for j in rng.choice(others, m, replace=False))
+
+
+def pairing(seed: int, round_index: int, k: int, m: int | None) -> list[list[int]] | None:
+    """Who scores whom in a round (``pairing[i]``: task i's peers), or None: everyone scores everyone."""
+    if m is None:
+        return None
+    return [scored_peers(seed, round_index, t, k, m) for t in range(k)]
 
 
 def _merge_lineage(*lineages) -> list[int]:
@@ -163,7 +185,7 @@ class Exchange:
         if cfg.policy == "distill":
             return TransferDecision(**head, **self._distill(tag))
         layout = layout_of(task, cfg)
-        own = layout.pack()
+        own = layout.pack(self.comm.send_buffer(layout.size))  # packed where the exchange sends from
         meta = {"task": task.index, "finite": finite(own) and math.isfinite(task.last_loss),
                 "lineage": task.lineage, "trained_on": task.trained_on}
         if cfg.policy == "average":
@@ -177,7 +199,7 @@ class Exchange:
         if not self.gradual or task.global_step % self.cfg.average_steps or task.epoch < self.cfg.start:
             return
         layout = BlockLayout(task.model, None, self.cfg.blocks, with_optimizer_state=False)
-        own = layout.pack()
+        own = layout.pack(self.comm.send_buffer(layout.size))
         meta = {"task": task.index, "finite": finite(own) and math.isfinite(task.last_loss),
                 "lineage": task.lineage, "trained_on": task.trained_on}
         # Weights only, optimizer state untouched: the pull is small and frequent (PAPA).
@@ -200,7 +222,8 @@ class Exchange:
         stale: list[StalePeer] = []
         lineages: dict[int, list[int]] = {}
         best_buf, best_meta = layout.empty(), None
-        for j, buf, m in self.comm.candidates(tag, own, meta):
+        pairs = self._pairing()
+        for j, buf, m in self.comm.candidates(tag, own, meta, pairs):
             lineages[j] = m["lineage"]
             if m.get("stale"):
                 stale.append(_staleness(j, m))
@@ -232,15 +255,27 @@ class Exchange:
         return {"source": source, "accepted": source is not None, "own_score": finite_or_none(own_score),
                 "scores": [finite_or_none(s) for s in scores], "own_scores": [finite_or_none(s) for s in own_scores],
                 "samples": counts, "eligible": eligible, "proposed": proposed, "veto": veto,
-                "gain": finite_or_none(gain), "stale": stale, "lineage": task.lineage}
+                "gain": finite_or_none(gain), "stale": stale, "lineage": task.lineage,
+                "peers": None if pairs is None else pairs[task.index]}
+
+    def _pairing(self) -> list[list[int]] | None:
+        return pairing(self.task.cfg.seed, self.round_index(), self.comm.size, self.cfg.candidates)
 
     def _keeps_lineages(self, source: int | None, gain: float | None, lineages: dict[int, list[int]]) -> bool:
         """Whether this task's adoption of ``source`` (None: it proposes none) goes ahead under
         ``keep_lineages``. Every task calls it, proposing or not: the proposals are gathered."""
         if self.cfg.keep_lineages <= 0:
             return True
-        proposals = self.comm.allgather(round_tag(self.round_index()) + "-proposals",
-                                        None if source is None else [self.task.index, source, gain])
+        proposal = None if source is None else [self.task.index, source, gain]
+        if self.cfg.candidates is None:
+            proposals = self.comm.allgather(round_tag(self.round_index()) + "-proposals", proposal)
+        else:
+            # Each task saw only its m peers' lineages, and the rule must give every task the same
+            # answer: the proposals carry each task's lineage (as it was before this round).
+            gathered = self.comm.allgather(round_tag(self.round_index()) + "-proposals",
+                                           [proposal, self.task.lineage])
+            proposals = [g and g[0] for g in gathered]
+            lineages = {**lineages, **{t: g[1] for t, g in enumerate(gathered) if g}}
         keep = math.ceil(self.cfg.keep_lineages * self.comm.size)
         merged = (lambda own, src: _merge_lineage(own, src)) if self.cfg.policy == "interpolate" else \
             (lambda own, src: sorted(src))
@@ -272,12 +307,16 @@ class Exchange:
                  optimizer_state: str) -> dict:
         task = self.task
         contribution = own if meta["finite"] else np.zeros_like(own)
-        total, metas = self.comm.allreduce_sum(tag, contribution, meta)
+        count = lambda metas: sum(1 for m in metas if m["finite"])
+        if rate == 1:  # the mean replaces the blocks: the backend may finish it where it sums
+            mixed, metas = self.comm.allreduce_mean(tag, contribution, meta, count)
+        else:
+            total, metas = self.comm.allreduce_sum(tag, contribution, meta)
+            if count(metas):
+                mixed = ((1 - rate) * own.astype(np.float64) + rate * (total / count(metas))).astype(np.float32)
         finite_metas = [m for m in metas if m["finite"]]
         if finite_metas:
-            mean = total / len(finite_metas)
-            mixed = mean if rate == 1 else (1 - rate) * own.astype(np.float64) + rate * mean
-            _apply(layout, mixed.astype(np.float32), optimizer_state)
+            _apply(layout, mixed, optimizer_state)
             task.lineage = _merge_lineage(*(m["lineage"] for m in finite_metas))
             task.trained_on = _merge_lineage(*(m["trained_on"] for m in finite_metas))
         return {"sources": [m["task"] for m in finite_metas], "accepted": bool(finite_metas),
@@ -287,10 +326,11 @@ class Exchange:
         """The peers' mean logits on this task's training samples become its soft targets."""
         task = self.task
         layout = BlockLayout(task.model, None, ["*"], with_optimizer_state=False)
-        own = layout.pack()
+        own = layout.pack(self.comm.send_buffer(layout.size))
         meta = {"task": task.index, "finite": finite(own) and math.isfinite(task.last_loss)}
         total, used, stale = None, [], []
-        for j, buf, m in self.comm.candidates(tag, own, meta):
+        pairs = self._pairing()
+        for j, buf, m in self.comm.candidates(tag, own, meta, pairs):
             if m.get("stale"):
                 stale.append(_staleness(j, m))
             if j == task.index or not m["finite"] or not finite(buf):
@@ -304,7 +344,8 @@ class Exchange:
         layout.unpack(own)
         if used:
             task.teacher = (total / len(used)).float()
-        return {"sources": used, "accepted": bool(used), "stale": stale, "lineage": task.lineage}
+        return {"sources": used, "accepted": bool(used), "stale": stale, "lineage": task.lineage,
+                "peers": None if pairs is None else pairs[task.index]}
 
 
 def _apply(layout: BlockLayout, buf: np.ndarray, optimizer_state: str) -> None:

@@ -2,8 +2,10 @@
 
     python -m hpc_mto.worker RUN_DIR [--task K]
 
-It trains its task, runs a transfer round every ``transfer.interval`` epochs, checkpoints at every
-round and on a stop signal (every rank at the same step), and finally takes part in the selection.
+It trains its task, runs a transfer round every ``transfer.interval`` epochs, checkpoints every
+``checkpoint.every`` seconds (at an epoch end), at the end and on a stop signal (every rank at the same
+step), and finally takes part in the selection. Checkpoints are written in the background while
+training goes on; a stop and the end wait for the write.
 Task 0 writes the result; the owner of the selected model writes it.
 """
 
@@ -106,6 +108,7 @@ class Worker:
         self.num_classes = int(attrs["num_classes"])
         self.times = {"train": 0.0, "transfer": 0.0, "eval": 0.0, "checkpoint": 0.0}
         self.saved_at = time.monotonic()  # of the newest checkpoint (or the start): checkpoint.every
+        self.writer = checkpoint.BackgroundWriter()
 
     def leave(self, finished: bool = False) -> None:
         """This task is done with the run (finished, stopped or failed): peers stop watching it."""
@@ -115,6 +118,10 @@ class Worker:
         if self.live is not None:
             self.live.close(finished)
             self.live = None
+        try:
+            self.writer.wait()  # a failed task still finishes the checkpoint it began (or says why not)
+        except Exception as exc:
+            logger.warning(f"the checkpoint being written when the task ended failed: {exc}")
 
     # -- checkpoints -------------------------------------------------------------------------
     def state_dict(self) -> State:
@@ -130,14 +137,25 @@ class Worker:
         every = self.cfg.checkpoint.every
         return every == 0 or time.monotonic() - self.saved_at >= every
 
-    def save(self) -> None:
+    def save(self, wait: bool = False) -> None:
+        """Checkpoint the current step: snapshot now, write in the background (``wait``: the stop
+        and the end, which must leave it durable before going on). Every task calls it at the same
+        step, so the barriers in ``settle`` pair up."""
         t0 = time.perf_counter()
-        checkpoint.save(self.run.checkpoints, self.index, self.task.global_step, self.state_dict())
-        # Prune only once every task holds the new checkpoint, so the newest common one survives.
-        self.comm.barrier()
-        checkpoint.prune(self.run.checkpoints, self.index, self.cfg.checkpoint.keep)
+        self.settle()
+        self.writer.start(self.run.checkpoints, self.index, self.task.global_step, self.state_dict())
+        if wait:
+            self.settle()
         self.times["checkpoint"] += time.perf_counter() - t0
         self.saved_at = time.monotonic()
+
+    def settle(self) -> None:
+        """The write in flight is durable here, then on every task; only then go the checkpoints
+        older than the newest ``keep``, so the newest common one always survives (while the next
+        is written too)."""
+        self.writer.wait()
+        self.comm.barrier()
+        checkpoint.prune(self.run.checkpoints, self.index, self.cfg.checkpoint.keep)
 
     def restore(self) -> None:
         root = self.run.checkpoints
@@ -183,7 +201,7 @@ class Worker:
             completed = task.train_steps(should_stop)
             self.times["train"] += time.perf_counter() - t0
             if not completed:
-                self.save()
+                self.save(wait=True)
                 return False
             t0 = time.perf_counter()
             scores = task.finish_epoch()
@@ -210,7 +228,7 @@ class Worker:
             round_copy = adopted is not None and not self.comm.synchronous
             if self.comm.any(self.checkpoint_due()) or round_copy or task.done or stopping:
                 faults.fire("checkpoint", task.global_step)
-                self.save()
+                self.save(wait=task.done or stopping)
             if stopping:
                 return False
         return True

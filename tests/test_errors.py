@@ -90,6 +90,11 @@ CONFIG_CASES = {
     "negative lr": (["--set", "train.lr=-1"], "train.lr must be > 0"),
     "bad choice": (["--set", "transfer.fitness=test"], "valid: unseen, val, train"),
     "lr_scale length": (["--set", "train.lr_scale=[1, 2]"], "one multiplier per split"),
+    "candidates >= splits": (["--splits", "4", "--set", "transfer.candidates=4"],
+                             "transfer.candidates must be between 1 and splits - 1 = 3"),
+    "candidates 0": (["--set", "transfer.candidates=0"], "transfer.candidates must be between 1 and"),
+    "candidates with average": (["--set", "transfer.policy=average", "--set", "transfer.candidates=1"],
+                                "transfer.candidates applies to policies best, interpolate and distill"),
     "missing config file": (["--config", "{tmp}/nope.yaml"], "config file not found"),
     "YAML syntax error": (["--config", "{bad_yaml}"], "started at line 3"),
 }

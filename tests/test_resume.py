@@ -199,3 +199,32 @@ def test_signals_during_a_transfer_and_during_a_checkpoint_still_leave_resumable
     assert checkpoint.steps(run_dir / "checkpoints", 0)[-1] == stop_step(94)  # the first check after the write
     run_cli("resume", run_dir, "--no-progress")
     assert outcome(run_dir) == outcome(reference["best"])
+
+
+# transfer.candidates: K=3 tasks each score one peer per round, drawn from (seed, round, task).
+SAMPLED = ["--splits", 3, "--set", "train.epochs=3", "--set", "transfer.policy=best", "--set", "transfer.interval=1",
+           "--set", "transfer.min_samples=20", "--set", "transfer.candidates=1", "--set", "checkpoint.every=0",
+           "--no-progress"]
+
+
+def test_sampled_candidates_give_the_same_bits_on_files_as_on_mpi_and_resume_exactly(tmp_path):
+    """Each task scores (and the log names) exactly the peer drawn for it; the file backend makes
+    MPI's decisions bit for bit; a run stopped by a signal and resumed draws the same peers and ends
+    where the uninterrupted one does."""
+    from hpc_mto.transfer import scored_peers
+
+    mpi, files, stopped = tmp_path / "mpi", tmp_path / "files", tmp_path / "stopped"
+    run_cli("launch", "--run-dir", mpi, *SAMPLED)
+    for t in range(3):
+        decisions = read_jsonl(mpi / "transfers" / f"task-{t}.jsonl")
+        assert [d["round"] for d in decisions] == [1, 2]  # none after the last epoch
+        for d in decisions:
+            assert d["peers"] == scored_peers(0, d["round"], t, 3, 1), d
+            unscored = [j for j in range(3) if j not in d["peers"] + [t]]
+            assert all(d["scores"][j] is None and d["samples"][j] == 0 for j in unscored), d
+    run_cli("launch", "--run-dir", files, *SAMPLED, "--set", "transfer.backend=file")
+    assert outcome(files) == outcome(mpi) and same_model(files, mpi)
+    proc = run_cli("launch", "--run-dir", stopped, *SAMPLED, env={INJECT_ENV: "signal@step:2:40"}, check=False)
+    assert proc.returncode == EXIT_REQUEUE, proc.stderr
+    run_cli("resume", stopped, "--no-progress")
+    assert outcome(stopped) == outcome(mpi) and same_model(stopped, mpi)

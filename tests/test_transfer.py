@@ -39,3 +39,19 @@ def test_keep_lineages_allows_an_adoption_within_a_lineage_even_below_the_floor(
     lineages = {0: [0], 1: [0], 2: [2], 3: [0]}  # already only two lineages
     assert keep_lineages([(1, 3, 0.2)], lineages, keep=3, merged=ADOPT) == {1}  # stays at two
     assert keep_lineages([(2, 0, 0.2)], lineages, keep=2, merged=ADOPT) == set()  # would leave one
+
+
+def test_scored_peers_are_m_distinct_others_drawn_from_seed_round_and_task_alone():
+    from hpc_mto.transfer import pairing, scored_peers
+
+    draws = {(r, t): scored_peers(seed=3, round_index=r, task=t, k=16, m=4) for r in range(20) for t in range(16)}
+    assert all(len(p) == 4 == len(set(p)) and t not in p and p == sorted(p) and all(0 <= j < 16 for j in p)
+               for (r, t), p in draws.items())
+    # the same arguments give the same draw (a resumed run, another backend), others another one
+    assert all(scored_peers(3, r, t, 16, 4) == p for (r, t), p in draws.items())
+    assert len({tuple(p) for p in draws.values()}) > 100
+    assert scored_peers(4, 0, 0, 16, 4) != scored_peers(3, 0, 0, 16, 4) or scored_peers(4, 1, 0, 16, 4) != draws[1, 0]
+    # every peer gets scored by someone over the rounds: no task is left out of the population
+    assert {j for p in draws.values() for j in p} == set(range(16))
+    assert scored_peers(3, 0, 2, 4, None) == scored_peers(3, 0, 2, 4, 3) == [0, 1, 3]
+    assert pairing(3, 5, 16, None) is None and pairing(3, 5, 16, 4)[7] == draws[5, 7]

@@ -1,9 +1,12 @@
 """Write one checkpoint of a large model, then keep writing newer ones until killed.
 
-Usage: write_checkpoints.py ROOT. Used by test_checkpoint.py to kill -9 a writer mid-write.
+Usage: write_checkpoints.py ROOT [background]. Used by test_checkpoint.py to kill -9 a writer
+mid-write. ``background``: the newer ones are written by checkpoint.BackgroundWriter's thread
+while the main thread trains, as the worker does.
 """
 
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -22,9 +25,16 @@ def big_task() -> Task:
 
 if __name__ == "__main__":
     root = Path(sys.argv[1])
+    background = sys.argv[2:] == ["background"]
     task = big_task()
     checkpoint.save(root, 0, task.global_step, task.state_dict())
     print("first written", flush=True)
+    writer = checkpoint.BackgroundWriter()
     while True:
         task.epoch += 1
-        checkpoint.save(root, 0, task.global_step, task.state_dict())
+        if background:
+            writer.start(root, 0, task.global_step, task.state_dict())
+            while writer.busy:  # the main thread goes on while the thread writes
+                time.sleep(0.001)
+        else:
+            checkpoint.save(root, 0, task.global_step, task.state_dict())

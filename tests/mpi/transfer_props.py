@@ -106,6 +106,29 @@ def case_best_scores(min_gain="0.0"):
             assert torch.equal(v, target[k]), k
 
 
+def case_candidates_scores_only_the_drawn_peers(m="1"):
+    # transfer.candidates m: each task scores the m peers drawn for it (and only those), records
+    # them, and adopts by the rule applied to them alone.
+    m = int(m)
+    task = make_task(["transfer.policy=best", "transfer.fitness=val", f"transfer.candidates={m}",
+                      "transfer.keep_lineages=0"], epochs=1 + comm.rank, lr=1e-3)  # one seed: one draw
+    task.epoch = 3 * task.cfg.transfer.interval  # round 3
+    states = all_states(task)
+    own = {k: v.clone() for k, v in task.model.state_dict().items()}
+    drawn = transfer.scored_peers(task.cfg.seed, 3, comm.rank, comm.size, m)
+    expected = [None] * comm.size
+    for j in drawn + [comm.rank]:
+        task.model.load_state_dict(states[j])
+        expected[j] = evaluate(task.model, task.fitness, task.cfg.train.eval_batch_size)[0]
+    task.model.load_state_dict(own)
+    record = exchange(task).run_round()
+    assert record.peers == drawn and len(drawn) == m and comm.rank not in drawn, (record.peers, drawn)
+    assert record.scores == expected, (record.scores, expected)
+    j = min(drawn, key=lambda i: (expected[i], i))
+    should = expected[comm.rank] - expected[j] > 0
+    assert record.accepted == should and (record.source == j if should else record.source is None), record
+
+
 def case_keep_lineages_refuses_the_smallest_gains_that_would_leave_too_few():
     # Every other rank prefers rank 0's model; with keep_lineages 0.5 of 4 tasks two lineages must
     # remain, so the two largest gains adopt and the smallest is refused.

@@ -455,6 +455,63 @@ def loop12() -> list[dict]:
     return rows
 
 
+WALL_PAIRS = 3
+WALL_RUNS = {"digits": (None, []), "mnist1d": ("configs/mnist1d.yaml", ["train.epochs=20"])}
+
+
+def wall12() -> list[dict]:
+    """The whole command's wall time of the default MTO run against the same run with policy none,
+    K=4, WALL_PAIRS interleaved pairs (MTO, none, MTO, none, ...) per dataset: the ratio per pair."""
+    rows = []
+    for data_name, (config, overrides) in WALL_RUNS.items():
+        for pair in range(WALL_PAIRS):
+            walls = {}
+            for policy in ("default", "none"):
+                run_dir = SCRATCH / f"wall12-{data_name}-{policy}"
+                shutil.rmtree(run_dir, ignore_errors=True)
+                extra = [] if policy == "default" else ["transfer.policy=none"]
+                t0 = perf()
+                run_cli(launch_command(run_dir, config, ["splits=4", *overrides, *extra]))
+                walls[policy] = perf() - t0
+            rows.append({"data": data_name, "pair": pair, "mto_s": walls["default"], "none_s": walls["none"],
+                         "ratio": walls["default"] / walls["none"]})
+    return rows
+
+
+STARTUP_REPS = 3
+
+
+def startup12() -> list[dict]:
+    """Launch to the first training step, K=1 and K=4, each code version in turn, STARTUP_REPS times."""
+    rows = []
+    for rep in range(STARTUP_REPS):
+        for label, env in code_versions():
+            for k in (1, 4):
+                run_dir = SCRATCH / f"startup12-{label}-k{k}"
+                shutil.rmtree(run_dir, ignore_errors=True)
+                watched = timeline(launch_command(run_dir, None, [f"splits={k}", "train.epochs=1"]), env=env,
+                                   watch=run_dir / "metrics" / "task-0.jsonl")
+                rows.append({"code": label, "k": k, "rep": rep, **first_step(run_dir, watched)})
+    return rows
+
+
+def memory12() -> list[dict]:
+    """A round's extra memory against the block bytes: MLP 1024 (~13 MB of blocks with Adam state), 4
+    epochs = 3 rounds, policy best at K=2, 4, 8 (what issue 6 measured) and the default distill at K=4."""
+    rows = []
+    for policy, ks in (("best", (2, 4, 8)), ("distill", (4,))):
+        for k in ks:
+            ranks = instrumented(f"memory12-{policy}-k{k}", k,
+                                 ["model.width=1024", "train.epochs=4", "transfer.interval=1",
+                                  f"transfer.policy={policy}"])
+            buffer_kib = ranks[0]["rounds"][0]["buffer_kib"]
+            extra = [[rd["extra_kib"] for rd in r["rounds"]] for r in ranks]
+            rows.append({"policy": policy, "k": k, "buffer_mib": buffer_kib / 1024,
+                         "first_x": max(e[0] for e in extra) / buffer_kib,
+                         "later_x": max(max(e[1:]) for e in extra) / buffer_kib})
+    return rows
+
+
 def memory() -> list[dict]:
     """A wider MLP (1024 units: ~1.1M parameters, with Adam state ~13 MB of blocks), 3 rounds."""
     rows = []
@@ -645,6 +702,34 @@ def render_loop12(rows) -> list[str]:
                   for r in sorted(rows, key=lambda r: (r["run"], r["code"], r.get("rep", 0)))])
 
 
+def render_wall12(rows) -> list[str]:
+    out = table(["dataset", "pair", "MTO (default) s", "policy none s", "ratio"],
+                [[r["data"], r["pair"] + 1, f"{r['mto_s']:.1f}", f"{r['none_s']:.1f}", f"{r['ratio']:.3f}"]
+                 for r in rows])
+    for data_name in dict.fromkeys(r["data"] for r in rows):
+        ratios = [r["ratio"] for r in rows if r["data"] == data_name]
+        out.append(f"| {data_name} | median | | | **{statistics.median(ratios):.3f}** (target ≤ 1.03) |")
+    return out
+
+
+def render_startup12(rows) -> list[str]:
+    out = []
+    for label in dict.fromkeys(r["code"] for r in rows):
+        for k in (1, 4):
+            mine = [r for r in rows if r["code"] == label and r["k"] == k]
+            steps = sorted(r["first_step_s"] for r in mine)
+            out.append([label, k, " / ".join(f"{x:.1f}" for x in steps), f"**{statistics.median(steps):.1f}**",
+                        "8" if k == 1 else "12"])
+    return table(["code", "K", "launch → first step s (each run)", "median", "target ≤ s"], out)
+
+
+def render_memory12(rows) -> list[str]:
+    return table(["policy", "K", "block buffer MiB", "round extra ÷ block bytes, first round",
+                  "later rounds (target ≤ 2)"],
+                 [[r["policy"], r["k"], f"{r['buffer_mib']:.1f}", f"{r['first_x']:.2f}×", f"{r['later_x']:.2f}×"]
+                  for r in rows])
+
+
 def render_gpu(row) -> list[str]:
     if "skipped" in row:
         return [f"GPU case skipped: {row['skipped']}."]
@@ -676,12 +761,24 @@ SECTIONS = {"overhead": (overhead, render_overhead,
                          f"Issue 12, cost per round against K: one round's exchange of a {ROUND_MIB} MiB buffer "
                          f"(no scoring), K ranks oversubscribed on this machine's cores; every peer, or "
                          f"transfer.candidates={ROUND_M}; fastest of {ROUND_REPS} rounds"),
+            "wall12": (wall12, render_wall12,
+                       f"Issue 12, whole command: `hpc-mto launch` of the default MTO run against the same run "
+                       f"with transfer.policy=none, K=4 (digits: the default config; mnist1d: configs/mnist1d.yaml "
+                       f"at 20 epochs), {WALL_PAIRS} interleaved pairs"),
+            "startup12": (startup12, render_startup12,
+                          "Issue 12, start: `hpc-mto launch` to the first training step (digits default, 1 epoch; "
+                          "first step = first metrics line less the epoch's own time)"),
+            "memory12": (memory12, render_memory12,
+                         "Issue 12, memory: a transfer round's extra resident memory (VmHWM during the round − VmRSS "
+                         "before it, worst rank) against the block bytes; MLP 1024, interval 1, 3 rounds"),
             "loop12": (loop12, render_loop12,
                        "Issue 12, shares of each task's loop time (digits, K=4, 30 epochs, whole runs; mean over "
                        "tasks; loop = train + eval + transfer + checkpoint from result.json)")}
 
 
-ISSUE12 = ("exchange12", "rounds12", "loop12")  # rendered into their own block, with their own machine line
+# Generated blocks of RESULTS.md beyond issue 6's, each with its own machine line (measured apart).
+BLOCKS = {"systems12": ("exchange12", "rounds12", "loop12"), "systems12b": ("wall12", "startup12", "memory12")}
+ISSUE12 = BLOCKS["systems12"] + BLOCKS["systems12b"]
 
 
 def render(saved: dict, names) -> str:
@@ -723,8 +820,9 @@ def main(argv=None) -> None:
     older = [n for n in SECTIONS if n not in ISSUE12]
     if any(n in older for n in args.sections):
         update_results("systems", render(saved, older))
-    if any(n in ISSUE12 for n in args.sections):
-        update_results("systems12", render(saved, ISSUE12))
+    for block, names in BLOCKS.items():
+        if any(n in names for n in args.sections):
+            update_results(block, render(saved, names))
     print(render(saved, args.sections))
 
 

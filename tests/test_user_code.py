@@ -183,8 +183,10 @@ def test_a_user_network_trains_on_k2_ranks_stops_resumes_bitwise_and_loads(refer
     code = result(run_dir)["provenance"]["user_code"]["model.factory"]
     assert code["sha256"] == hashlib.sha256((EXAMPLES / "mto_example" / "models.py").read_bytes()).hexdigest()
     assert code["version"] == "0.1.0" and code["module"] == "mto_example.models"
-    assert f"# model.factory: mto_example.models 0.1.0, sha256 {code['sha256'][:16]}" in \
-        (run_dir / "config.yaml").read_text().splitlines()[2:4]
+    header = (run_dir / "config.yaml").read_text().splitlines()[2:4]  # after versions and command line
+    line = f"# model.factory: mto_example.models 0.1.0, sha256 {code['sha256'][:16]}"
+    # ", git <commit>" follows in a git checkout of the examples
+    assert any(h == line or h.startswith(line + ", git ") for h in header), header
     # The selected model loads as the user's network, with its kwargs.
     proc = subprocess.run([sys.executable, "-c", "import sys; from hpc_mto.model_io import load_selected; "
                            "net = load_selected(sys.argv[1]); print(type(net[2]).__module__, net[1].out_features)",

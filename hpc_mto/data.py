@@ -95,9 +95,14 @@ def stratified_take(y: np.ndarray, fraction: float, rng: np.random.Generator, st
     return np.sort(np.concatenate(picked))
 
 
-def _carve_test(x, y, fraction, num_classes) -> Dataset:
+def carve_test(y: np.ndarray, fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """(kept, test) positions: the fixed, stratified test split of a dataset without one."""
     test = stratified_take(y, fraction, np.random.default_rng(CARVED_TEST_SEED))
-    keep = np.setdiff1d(np.arange(len(y)), test)
+    return np.setdiff1d(np.arange(len(y)), test), test
+
+
+def _carve_test(x, y, fraction, num_classes) -> Dataset:
+    keep, test = carve_test(y, fraction)
     return Dataset(x[keep], y[keep], x[test], y[test], num_classes, "carved", test)
 
 
@@ -296,8 +301,7 @@ def from_factory(cfg: DataConfig) -> Dataset:
                         "order")
     num_classes = max(len(getattr(plain, "classes", []) or []), int(y.max()) + 1)
     if test is None:
-        test_index = stratified_take(y, cfg.test_fraction, np.random.default_rng(CARVED_TEST_SEED))
-        index = np.setdiff1d(np.arange(len(y)), test_index)
+        index, test_index = carve_test(y, cfg.test_fraction)
         user = UserDatasets(train, plain, plain, index, test_index, y, y, shape)
         return Dataset(None, y[index], None, y[test_index], num_classes, "carved", test_index, user=user)
     yt, test_shape = _check_user_dataset(key, "test", test)

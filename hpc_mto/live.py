@@ -72,7 +72,7 @@ class LiveMetrics:
     """One task's live sinks; ``epoch`` is called with each metrics line as it is appended."""
 
     def __init__(self, cfg: LogConfig, tensorboard_dir: Path, mlflow_ids: Path, task: int):
-        self.cfg, self.tensorboard_dir, self.task = cfg, tensorboard_dir, task
+        self.cfg, self.tensorboard_dir = cfg, tensorboard_dir
         self.writer = None
         self.client = self.run_id = None
         if cfg.mlflow:

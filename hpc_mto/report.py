@@ -21,6 +21,7 @@ from typing import NamedTuple
 import click
 import numpy as np
 
+from . import live
 from .config import Config
 from .errors import RunDirError
 from .records import MetricsLine, Result, TransferDecision
@@ -328,7 +329,7 @@ def write_tensorboard(d: RunData, writer_class) -> Path:
     for t, metrics in enumerate(d.metrics):
         writer = writer_class(log_dir=str(root / f"task-{t}"))
         for m in metrics:
-            for key in ("val_acc", "val_loss", "train_acc", "train_loss", "lr"):
+            for key in live.SCALARS:  # what the live writer logs, under the same names
                 if getattr(m, key) is not None:
                     writer.add_scalar(key, getattr(m, key), m.epochs_done)
         for r in d.transfers[t]:

@@ -143,14 +143,15 @@ class Streamed:
                                            pin_memory=self.device.type == "cuda", collate_fn=torch.stack,
                                            generator=torch.Generator())
 
-    def _read(self, dataset, batches: list[list]) -> Iterator[torch.Tensor]:
+    def _read(self, dataset, batches: list[list], seeded: bool) -> Iterator[torch.Tensor]:
         if not batches:
             return
         loader = iter(self._loader(dataset, batches))
+        # Without workers the per-sample seeding runs in this process: training's RNG streams
+        # (dropout) are put back as they were before each batch was read.
+        keep = seeded and self.num_workers == 0
         while True:
-            # Without workers the per-sample seeding runs in this process: training's RNG streams
-            # (dropout) are put back as they were before each batch was read.
-            kept = rng.Kept() if self.num_workers == 0 else None
+            kept = rng.Kept() if keep else None
             try:
                 x = next(loader)
             except StopIteration:
@@ -161,7 +162,7 @@ class Streamed:
 
     def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         plan = [[(i, None) for i in self.index[s:s + batch_size]] for s in range(0, len(self), batch_size)]
-        for b, x in enumerate(self._read(self.eval_view, plan)):
+        for b, x in enumerate(self._read(self.eval_view, plan, seeded=False)):
             yield x, self.y[b * batch_size:(b + 1) * batch_size]
 
     def training_batches(self, order: torch.Tensor, batch_size: int, first_step: int,
@@ -170,7 +171,7 @@ class Streamed:
         order_np = order.cpu().numpy()
         starts = range(first_step * batch_size, len(order_np), batch_size)
         plan = [[(self.index[p], seeds[p]) for p in order_np[s:s + batch_size]] for s in starts]
-        for s, x in zip(starts, self._read(self.train_view, plan)):
+        for s, x in zip(starts, self._read(self.train_view, plan, seeded=True)):
             idx = order[s:s + batch_size]
             yield idx, x, self.y[idx]
 

@@ -3,9 +3,9 @@
 - ``best``: every task's blocks are streamed to every task; task i compares each candidate with its
   own model and adopts the one with the largest gain in fitness loss, if above ``min_gain``.
 - ``interpolate``: like ``best``, but moves ``alpha`` of the way towards the adopted candidate.
-- ``average``: the mean of the blocks of every finite task (float64 sum) replaces each task's at a
-  round, or, with ``average_steps``, pulls it gradually every N steps (PAPA):
-  w <- (1 - rate) * w + rate * mean.
+- ``average``: the mean of the blocks of every finite task (a float32 sum in task order) replaces
+  each task's at a round, or, with ``average_steps``, pulls it gradually every N steps (PAPA):
+  w <- (1 - rate) * w + rate * mean (then from a float64 sum).
 - ``distill``: knowledge as predictions. At a round each task runs its peers' networks over its own
   training samples and keeps their mean logits; until the next round it trains on
   (1 - alpha) * CE + alpha * T^2 * KL(teacher || own). No weights are adopted: lineages stay apart.

@@ -54,6 +54,9 @@ class Comm(abc.ABC):
     size: int
     # Whether the tasks move in lockstep (and may rely on each other's checkpoints existing).
     synchronous: bool = True
+    # Whether ``fetch`` can hand out a peer's buffer of the last ``candidates`` stream again, so a
+    # round need not keep a copy of its leading candidate while it scores the others.
+    refetches: bool = False
 
     def send_buffer(self, size: int, dtype=np.float32) -> np.ndarray:
         """An array to pack this task's blocks into before ``candidates``/``broadcast``: the MPI
@@ -67,6 +70,12 @@ class Comm(abc.ABC):
         ``pairing`` (``pairing[i]``: the peers task i scores, the same list on every task) only this
         task's own and its ``pairing[rank]`` peers'. A yielded buffer is valid until the next one is
         requested; the stream must be consumed to its end."""
+
+    def fetch(self, tag: str, source: int | None) -> tuple[np.ndarray, dict] | None:
+        """After a ``candidates`` stream (where ``refetches``), called by every task: ``source``'s
+        buffer and meta as that stream carried them (None for None or the own task), valid until
+        the next stream; this task's own buffer goes to the tasks that name it."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no stream to fetch from")
 
     @abc.abstractmethod
     def broadcast(self, tag: str, buf: np.ndarray, meta: dict, root: int) -> dict:
@@ -188,8 +197,10 @@ class Frame:
 
 class MPIComm(Comm):
     # Point-to-point messages of a paired exchange: the frame, then (rarely) the metadata overflow;
-    # and the segments of a sum.
-    TAG_FRAME, TAG_META, TAG_SUM = 0x4D54, 0x4D55, 0x4D56
+    # the segments of a sum; a fetched frame and its overflow.
+    TAG_FRAME, TAG_META, TAG_SUM, TAG_FETCH, TAG_FETCH_META = 0x4D54, 0x4D55, 0x4D56, 0x4D57, 0x4D58
+    # The own frame of the last stream stays as it was sent until the next one packs into it.
+    refetches = True
 
     def __init__(self, comm=None):
         from mpi4py import MPI
@@ -200,6 +211,7 @@ class MPIComm(Comm):
         self.size = self.comm.Get_size()
         # Kept between rounds (the same size every round): the own blocks' frame and one to receive into.
         self._send: Frame | None = None
+        self._send_overflow: bytes | None = None  # the own metadata that did not fit in the frame
         self._recv: Frame | None = None
         # The sums' receive and result buffers, kept too: fresh pages per call (first-touch faults,
         # MPI re-registering the memory) cost more than the whole sum at 1 MiB.
@@ -225,7 +237,8 @@ class MPIComm(Comm):
         frame = self._frame("_send", own.size, own.dtype)
         if not frame.holds(own):
             frame.payload[...] = own.reshape(-1)  # not packed in place: one copy
-        return frame, frame.put_meta(meta)
+        self._send_overflow = frame.put_meta(meta)
+        return frame, self._send_overflow
 
     def _bcast_frame(self, frame: Frame, root: int, overflow: bytes | None) -> dict:
         self.comm.Bcast(frame.bytes, root=root)
@@ -270,6 +283,26 @@ class MPIComm(Comm):
         # The own frame is reused next round. Not in a ``finally``: a stream abandoned by an error
         # must not wait here for readers that may never come (the job is aborted instead).
         self._MPI.Request.Waitall(requests)
+
+    def fetch(self, tag, source):
+        """The tasks that name a source receive its frame point to point, into the receive frame;
+        every send is posted before any receive."""
+        sources = self.comm.allgather(source)
+        readers = [i for i, s in enumerate(sources) if s == self.rank and i != self.rank]
+        requests = [self.comm.Isend(self._send.bytes, dest=i, tag=self.TAG_FETCH) for i in readers]
+        if self._send_overflow is not None:
+            requests += [self.comm.Isend(self._send_overflow, dest=i, tag=self.TAG_FETCH_META) for i in readers]
+        out = None
+        if source is not None and source != self.rank:
+            recv = self._recv
+            self.comm.Recv(recv.bytes, source=source, tag=self.TAG_FETCH)
+            extra = None
+            if recv.overflows():
+                extra = bytearray(recv.meta_length())
+                self.comm.Recv(extra, source=source, tag=self.TAG_FETCH_META)
+            out = recv.payload, recv.get_meta(None if extra is None else bytes(extra))
+        self._MPI.Request.Waitall(requests)
+        return out
 
     def broadcast(self, tag, buf, meta, root):
         frame = self._frame("_send" if root == self.rank else "_recv", buf.size, buf.dtype)

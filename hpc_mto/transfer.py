@@ -221,7 +221,10 @@ class Exchange:
         gains: dict[int, tuple[float, float]] = {}
         stale: list[StalePeer] = []
         lineages: dict[int, list[int]] = {}
-        best_buf, best_meta = layout.empty(), None
+        # Where the backend can send the chosen candidate again (MPI), nothing is kept while the
+        # others are scored: the round holds two block-sized buffers (own, received), not three.
+        refetch = self.comm.refetches
+        best_buf, best_meta = (None if refetch else layout.empty()), None
         pairs = self._pairing()
         for j, buf, m in self.comm.candidates(tag, own, meta, pairs):
             lineages[j] = m["lineage"]
@@ -242,7 +245,7 @@ class Exchange:
             if not math.isfinite(scores[j]):
                 continue
             gains[j] = (own_scores[j] - scores[j], scores[j])
-            if max(gains, key=lambda i: (gains[i][0], -gains[i][1], -i)) == j:
+            if not refetch and max(gains, key=lambda i: (gains[i][0], -gains[i][1], -i)) == j:
                 best_buf[...] = buf  # keep only the leading candidate: memory stays constant in K
                 best_meta = m
         proposed, gain = choose_source(gains, cfg.min_gain)
@@ -250,6 +253,10 @@ class Exchange:
         if not self._keeps_lineages(proposed if veto is None else None, gain, lineages):
             veto = "keep_lineages"
         source = proposed if veto is None else None
+        if refetch:  # every task takes part: its own blocks go to the tasks that adopt them
+            fetched = self.comm.fetch(tag, source)
+            if source is not None:
+                best_buf, best_meta = fetched
         if source is not None:
             self._adopt(layout, own, best_buf, best_meta, own_scores[source])
         return {"source": source, "accepted": source is not None, "own_score": finite_or_none(own_score),

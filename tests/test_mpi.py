@@ -33,9 +33,11 @@ def test_transfer_properties_on_four_ranks():
 
 def test_exchange_properties_on_three_ranks(tmp_path):
     """Buffers and their metadata travel in one frame bit for bit (metadata longer than the header
-    too); a paired exchange delivers exactly the drawn peers; sums are the task-order float64 sum
+    too); a paired exchange delivers exactly the drawn peers; a streamed buffer can be fetched again
+    by the tasks that name it; sums are the task-order float64 sum
     and means the task-order float32 mean, bit-equal to the file backend's, on uneven segments and
     sizes below K."""
     mpi_script(3, "comm_props.py", tmp_path, "candidates_carry_bits_and_meta",
                "paired_exchange_delivers_exactly_the_drawn_peers",
-               "allreduce_is_the_task_order_float64_sum_and_equals_the_file_backend", "broadcast_from_each_root")
+               "allreduce_is_the_task_order_float64_sum_and_equals_the_file_backend", "broadcast_from_each_root",
+               "fetch_hands_out_a_streamed_buffer_again")

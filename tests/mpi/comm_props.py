@@ -112,6 +112,29 @@ def expected_order(size):
     return out
 
 
+def case_fetch_hands_out_a_streamed_buffer_again():
+    """After a stream (every peer, or paired), each task names one source or none: it receives that
+    source's buffer and metadata exactly as streamed (metadata too long for the header too); the
+    own task and None give nothing; a source named by several tasks serves them all."""
+    for rnd, (pairing, long) in enumerate(((None, False), (None, True), ("paired", False))):
+        size = 1001 + rnd
+        pairs = [[(i + 1) % K] for i in range(K)] if pairing else None
+        own = comm.send_buffer(size)
+        own[...] = blocks(ME, size, salt=rnd)
+        for _ in comm.candidates("f", own, meta_of(ME, long), pairs):
+            pass
+        # round 0: the next task; 1: all name the last task (which serves them all, itself
+        # included: nothing); 2: the task two ahead, or none for every third task
+        source = [(ME + 1) % K, K - 1, None if ME % 3 == 2 else (ME + 2) % K][rnd]
+        got = comm.fetch("f", source)
+        if source is None or source == ME:
+            assert got is None, (source, got)
+        else:
+            buf, meta = got
+            assert np.array_equal(buf, blocks(source, size, salt=rnd)) and meta == meta_of(source, long), source
+        assert np.array_equal(own, blocks(ME, size, salt=rnd))  # the own buffer is left alone
+
+
 def case_broadcast_from_each_root():
     for root in range(K):
         size = 777 + root

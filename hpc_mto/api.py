@@ -89,12 +89,18 @@ def train_here(p: Plan, progress: bool | None, say: Callable[[str], None] = lamb
     """A local plan: write the run directory and train the K tasks here; their exit status. ``say``
     hears where the run directory is once it exists."""
     from .launchers import local
-    from .prepare import prepare
 
-    prepare(p.run, p.cfg)
+    early = local.EarlyStart(p.run.path, p.cfg)  # the tasks import torch while we check and write
+    try:
+        from .prepare import prepare  # imports torch: after the tasks have started
+
+        prepare(p.run, p.cfg)
+    except BaseException:
+        early.cancel()
+        raise
     say(f"run directory: {p.run.path}")
     with p.run.lock():
-        return local.start(p.run, progress)
+        return local.start(p.run, progress, early)
 
 
 def _config(config, overrides: list[str]) -> config_mod.Config:

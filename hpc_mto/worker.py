@@ -25,7 +25,7 @@ import h5py
 import numpy as np
 import torch
 
-from . import checkpoint, data, log, provenance, selection, transfer
+from . import checkpoint, data, gate, log, provenance, selection, transfer
 from . import splits as splits_mod
 from .atomic import atomic_path
 from .comm import connect
@@ -301,6 +301,8 @@ def main(argv=None) -> int:
     p.add_argument("run_dir", type=Path)
     p.add_argument("--task", type=int, default=None, help="task index (file backend: one process per task)")
     a = p.parse_args(argv)
+    if not gate.wait():
+        return 0  # the launch failed before the run directory was written: the launcher says why
     return run(a.run_dir, a.task)
 
 

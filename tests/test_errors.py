@@ -145,6 +145,31 @@ def test_errors_from_a_real_process_have_no_traceback(tmp_path, command):
         "hpc-mto: error: invalid config: transfer.policy='greedy'; valid: none, best, interpolate, average, distill"]
 
 
+def test_a_launch_refused_after_its_tasks_started_leaves_no_process_and_writes_nothing(files, tmp_path):
+    """A local launch starts its tasks before it checks the data (they import torch meanwhile, at a
+    gate): when the check fails, the error is still one line, nothing is written, and no task
+    process or gate is left behind."""
+    run_dir, gates = tmp_path / "run", tmp_path / "gates"
+    gates.mkdir()
+    proc = subprocess.run([HPC_MTO, "launch", "--run-dir", run_dir, "--splits", "2", "--no-progress", "--set",
+                           "data.name=npz", "--set", f"data.path={files['npz_neg']}"],
+                          capture_output=True, text=True, env={**os.environ, "TMPDIR": str(gates)}, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("hpc-mto: error: ") and "negative labels" in lines[0], lines
+    assert not run_dir.exists()
+    assert not any(gates.iterdir()), list(gates.iterdir())  # the gate went with the tasks
+    left = [c for c in Path("/proc").glob("[0-9]*/cmdline") if str(run_dir).encode() in _read(c)]
+    assert not left, [_read(c) for c in left]
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return b""  # the process ended while we looked
+
+
 @pytest.fixture
 def prepared(tmp_path):
     """A run directory as launch writes it before the tasks start."""

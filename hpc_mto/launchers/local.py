@@ -6,6 +6,7 @@ and turns Ctrl-C / SIGTERM into the checkpoint signal so a local run stops resum
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -14,7 +15,9 @@ import sys
 import time
 from pathlib import Path
 
+from ..config import Config
 from ..errors import LaunchError
+from ..gate import Gate
 from ..rundir import RunDir
 from ..signals import parse_signal
 from .progress import Progress
@@ -99,18 +102,57 @@ class MpichSegments:
             Path(path).unlink(missing_ok=True)
 
 
-def start(run: RunDir, show_progress: bool | None = None) -> int:
-    """Run (or continue) the run to its end; returns the exit status (signals.EXIT_REQUEUE: stopped)."""
+def spawn(run_path: Path, cfg: Config, extra_env: dict[str, str] | None = None) -> list[subprocess.Popen]:
+    """The processes of the K tasks: one mpiexec, or K processes on the file exchange."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(extra_env or {})}
+    if cfg.transfer.backend == "file":
+        commands = [worker_command(run_path, t) for t in range(cfg.splits)]
+    else:
+        commands = [[find_mpiexec(), "-n", str(cfg.splits)] + worker_command(run_path)]
+    # Own session: a terminal's Ctrl-C reaches only us, and we pass on the checkpoint signal instead.
+    return [subprocess.Popen(c, env=env, start_new_session=True) for c in commands]
+
+
+class EarlyStart:
+    """The K tasks started before the run directory is written, waiting at a gate (hpc_mto.gate)
+    while the launcher checks and writes it: their imports overlap the launcher's."""
+
+    def __init__(self, run_path: Path, cfg: Config):
+        self.gate = Gate()
+        try:
+            self.procs = spawn(run_path, cfg, self.gate.environ())
+        except BaseException:
+            self.gate.remove()
+            raise
+
+    def cancel(self) -> None:
+        """The launch failed before anything was written. The tasks have not passed the gate (it
+        opens only in ``start``): they have read nothing, written nothing and not joined MPI, so
+        they are killed rather than waited for (they would finish importing torch first)."""
+        self.gate.close()
+        doomed = worker_pids([p.pid for p in self.procs])
+        for p in self.procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)  # mpiexec and its proxies: their own process group
+        for pid in doomed:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        for p in self.procs:
+            p.wait()
+        self.gate.remove()
+
+
+def start(run: RunDir, show_progress: bool | None = None, early: EarlyStart | None = None) -> int:
+    """Run (or continue) the run to its end; returns the exit status (signals.EXIT_REQUEUE: stopped).
+    ``early``: the tasks were started already and wait at their gate for the run directory."""
     cfg = run.config()
     k = cfg.splits
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    if cfg.transfer.backend == "file":
-        commands = [worker_command(run.path, t) for t in range(k)]
-    else:
-        commands = [[find_mpiexec(), "-n", str(k)] + worker_command(run.path)]
     stop_signal = parse_signal(cfg.checkpoint.signals[0]) if cfg.checkpoint.signals else signal.SIGTERM
-    # Own session: a terminal's Ctrl-C reaches only us, and we pass on the checkpoint signal instead.
-    procs = [subprocess.Popen(c, env=env, start_new_session=True) for c in commands]
+    if early is not None:
+        procs = early.procs
+        early.gate.open()
+    else:
+        procs = spawn(run.path, cfg)
 
     def forward(signum, frame):
         # To the workers only: mpiexec itself dies of USR2 instead of forwarding it.
@@ -132,6 +174,8 @@ def start(run: RunDir, show_progress: bool | None = None) -> int:
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+        if early is not None:
+            early.gate.remove()
     segments.remove_leftovers()
     codes = [p.returncode for p in procs]
     return next((c for c in codes if c != 0), 0)

@@ -95,12 +95,11 @@ def train_here(p: Plan, progress: bool | None, say: Callable[[str], None] = lamb
         from .prepare import prepare  # imports torch: after the tasks have started
 
         prepare(p.run, p.cfg)
-    except BaseException:
-        early.cancel()
-        raise
-    say(f"run directory: {p.run.path}")
-    with p.run.lock():
-        return local.start(p.run, progress, early)
+        say(f"run directory: {p.run.path}")
+        with p.run.lock():
+            return local.start(p.run, progress, early)
+    finally:
+        early.cancel()  # where the gate never opened (a failed check, a held lock): nothing waits on
 
 
 def _config(config, overrides: list[str]) -> config_mod.Config:

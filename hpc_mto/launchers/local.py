@@ -118,17 +118,24 @@ class EarlyStart:
     while the launcher checks and writes it: their imports overlap the launcher's."""
 
     def __init__(self, run_path: Path, cfg: Config):
-        self.gate = Gate()
+        self.gate, self.opened = Gate(), False
         try:
             self.procs = spawn(run_path, cfg, self.gate.environ())
         except BaseException:
             self.gate.remove()
             raise
 
+    def open(self) -> list[subprocess.Popen]:
+        self.gate.open()
+        self.opened = True
+        return self.procs
+
     def cancel(self) -> None:
-        """The launch failed before anything was written. The tasks have not passed the gate (it
-        opens only in ``start``): they have read nothing, written nothing and not joined MPI, so
-        they are killed rather than waited for (they would finish importing torch first)."""
+        """Unless the gate opened: the launch failed before the tasks passed it, so they have read
+        nothing, written nothing and not joined MPI; they are killed rather than waited for (they
+        would finish importing torch first)."""
+        if self.opened:
+            return
         self.gate.close()
         doomed = worker_pids([p.pid for p in self.procs])
         for p in self.procs:
@@ -148,11 +155,7 @@ def start(run: RunDir, show_progress: bool | None = None, early: EarlyStart | No
     cfg = run.config()
     k = cfg.splits
     stop_signal = parse_signal(cfg.checkpoint.signals[0]) if cfg.checkpoint.signals else signal.SIGTERM
-    if early is not None:
-        procs = early.procs
-        early.gate.open()
-    else:
-        procs = spawn(run.path, cfg)
+    procs = early.open() if early is not None else spawn(run.path, cfg)
 
     def forward(signum, frame):
         # To the workers only: mpiexec itself dies of USR2 instead of forwarding it.

@@ -72,21 +72,25 @@ class MpichSegments:
 
     A rank maps its segment in MPI_Init and keeps it: once each of the ``ranks`` has been seen with
     one, nothing more is read (reading /proc every few seconds for the whole run would cost the
-    launcher CPU beside the training it waits for)."""
+    launcher CPU beside the training it waits for). In the first seconds the ranks are looked at
+    at every call: ranks that started early (at the gate) reach MPI_Init and their first steps
+    within a second, and one killed there must not take an unseen segment with it."""
 
     PREFIX = "/dev/shm/mpich"
-    EVERY_S = 2.0
+    EVERY_S, EAGER_S = 2.0, 30.0
 
     def __init__(self, ranks: int):
         self.ranks = ranks
         self.seen: set[str] = set()
         self.found_in: set[int] = set()
+        self._eager_until = time.monotonic() + self.EAGER_S
         self._next = 0.0
 
     def look(self, roots: list[int]) -> None:
-        if len(self.found_in) >= self.ranks or time.monotonic() < self._next:
+        now = time.monotonic()
+        if len(self.found_in) >= self.ranks or now < self._next:
             return
-        self._next = time.monotonic() + self.EVERY_S
+        self._next = now + (0.0 if now < self._eager_until else self.EVERY_S)
         for pid in set(worker_pids(roots)) - self.found_in:
             try:
                 maps = Path(f"/proc/{pid}/maps").read_text()

@@ -455,7 +455,7 @@ def loop12() -> list[dict]:
     return rows
 
 
-WALL_PAIRS = 3
+WALL_PAIRS = 5
 WALL_RUNS = {"digits": (None, []), "mnist1d": ("configs/mnist1d.yaml", ["train.epochs=20"])}
 
 

@@ -240,8 +240,11 @@ class MPIComm(Comm):
         self._send_overflow = frame.put_meta(meta)
         return frame, self._send_overflow
 
-    def _bcast_frame(self, frame: Frame, root: int, overflow: bytes | None) -> dict:
+    def _bcast_frame(self, frame: Frame, root: int, overflow: bytes | None) -> dict | None:
+        """The root's meta on the other tasks (None on the root, which has it)."""
         self.comm.Bcast(frame.bytes, root=root)
+        if root == self.rank and overflow is None:
+            return None
         if frame.overflows():
             extra = bytearray(overflow) if root == self.rank else bytearray(frame.meta_length())
             self.comm.Bcast(extra, root=root)

@@ -55,8 +55,8 @@ def wait() -> bool:
     if not where:
         return True
     gate, launcher = Path(where), int(os.environ[LAUNCHER_ENV])
-    # The first optimizer step imports it anyway (torch.optim's step wrapper): here it overlaps the
-    # launcher's checks instead of following them.
+    # torch.optim imports it anyway, when the task builds its optimizer and at every step: here it
+    # overlaps the launcher's checks instead of following them.
     import torch._dynamo  # noqa: F401
     while True:
         if (gate / "open").exists():

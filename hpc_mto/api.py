@@ -99,7 +99,7 @@ def train_here(p: Plan, progress: bool | None, say: Callable[[str], None] = lamb
         with p.run.lock():
             return local.start(p.run, progress, early)
     finally:
-        early.cancel()  # where the gate never opened (a failed check, a held lock): nothing waits on
+        early.cancel()  # a no-op once the gate opened; else (a failed check, a held lock) the tasks go
 
 
 def _config(config, overrides: list[str]) -> config_mod.Config:

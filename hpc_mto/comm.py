@@ -95,15 +95,20 @@ class Comm(abc.ABC):
         accumulator costs as much as the whole exchange at 1 MiB, and the mean replaces float32
         weights anyway. Every backend adds in the same order, so they give the same bits. Valid until
         the next call."""
-        total, metas = np.zeros(buf.shape, np.float32), []
-        for _, b, m in self.candidates(tag, buf, meta):
-            if m.get("finite", True):  # a stale peer's checkpoint may be non-finite: skip it
-                total += b
-            metas.append(m)
+        total, metas = self._sum_in_order(tag, buf, meta, np.float32)
         d = divisor(metas)
         if not d:
             return None, metas
         total /= d
+        return total, metas
+
+    def _sum_in_order(self, tag: str, buf: np.ndarray, meta: dict, dtype) -> tuple[np.ndarray, list[dict]]:
+        """Every task's buffer added onto zeros of ``dtype`` in task order, streamed; the metas."""
+        total, metas = np.zeros(buf.shape, dtype), []
+        for _, b, m in self.candidates(tag, buf, meta):
+            if m.get("finite", True):  # a stale peer's checkpoint may be non-finite: skip it
+                total += b
+            metas.append(m)
         return total, metas
 
     @abc.abstractmethod
@@ -166,6 +171,7 @@ class Frame:
         self.dtype = np.dtype(dtype)
         self.bytes = np.empty(self.header + size * self.dtype.itemsize, np.uint8)
         self.payload = self.bytes[self.header:].view(self.dtype)
+        self.overflow: bytes | None = None
 
     def fits(self, size: int, dtype) -> bool:
         return self.payload.size == size and self.dtype == np.dtype(dtype)
@@ -176,13 +182,14 @@ class Frame:
             buf.__array_interface__["data"][0] == self.payload.__array_interface__["data"][0]
 
     def put_meta(self, meta: dict) -> bytes | None:
-        """Write ``meta`` into the header; the encoded bytes when they do not fit (sent after)."""
+        """Write ``meta`` into the header; the encoded bytes when they do not fit (sent after, and
+        kept as ``overflow`` for as long as the frame holds this metadata)."""
         text = json.dumps(meta, separators=(",", ":")).encode()
         self.bytes[:8] = np.frombuffer(len(text).to_bytes(8, "little"), np.uint8)
-        if len(text) <= self.header - 8:
+        self.overflow = None if len(text) <= self.header - 8 else text
+        if self.overflow is None:
             self.bytes[8:8 + len(text)] = np.frombuffer(text, np.uint8)
-            return None
-        return text
+        return self.overflow
 
     def meta_length(self) -> int:
         return int.from_bytes(self.bytes[:8].tobytes(), "little")
@@ -211,7 +218,6 @@ class MPIComm(Comm):
         self.size = self.comm.Get_size()
         # Kept between rounds (the same size every round): the own blocks' frame and one to receive into.
         self._send: Frame | None = None
-        self._send_overflow: bytes | None = None  # the own metadata that did not fit in the frame
         self._recv: Frame | None = None
         # The sums' receive and result buffers, kept too: fresh pages per call (first-touch faults,
         # MPI re-registering the memory) cost more than the whole sum at 1 MiB.
@@ -237,8 +243,7 @@ class MPIComm(Comm):
         frame = self._frame("_send", own.size, own.dtype)
         if not frame.holds(own):
             frame.payload[...] = own.reshape(-1)  # not packed in place: one copy
-        self._send_overflow = frame.put_meta(meta)
-        return frame, self._send_overflow
+        return frame, frame.put_meta(meta)
 
     def _bcast_frame(self, frame: Frame, root: int, overflow: bytes | None) -> dict | None:
         """The root's meta on the other tasks (None on the root, which has it)."""
@@ -270,19 +275,12 @@ class MPIComm(Comm):
         send, overflow = self._outgoing(own, meta)
         recv = self._frame("_recv", own.size, own.dtype)
         readers = [i for i in range(self.size) if i != self.rank and self.rank in pairing[i]]
-        requests = [self.comm.Isend(send.bytes, dest=i, tag=self.TAG_FRAME) for i in readers]
-        if overflow is not None:
-            requests += [self.comm.Isend(overflow, dest=i, tag=self.TAG_META) for i in readers]
+        requests = self._isend_frame(send, overflow, readers, self.TAG_FRAME, self.TAG_META)
         for j in sorted(set(pairing[self.rank]) | {self.rank}):
             if j == self.rank:
                 yield j, own, meta
                 continue
-            self.comm.Recv(recv.bytes, source=j, tag=self.TAG_FRAME)
-            extra = None
-            if recv.overflows():
-                extra = bytearray(recv.meta_length())
-                self.comm.Recv(extra, source=j, tag=self.TAG_META)
-            yield j, recv.payload, recv.get_meta(None if extra is None else bytes(extra))
+            yield j, recv.payload, self._recv_frame(recv, j, self.TAG_FRAME, self.TAG_META)
         # The own frame is reused next round. Not in a ``finally``: a stream abandoned by an error
         # must not wait here for readers that may never come (the job is aborted instead).
         self._MPI.Request.Waitall(requests)
@@ -292,20 +290,29 @@ class MPIComm(Comm):
         every send is posted before any receive."""
         sources = self.comm.allgather(source)
         readers = [i for i, s in enumerate(sources) if s == self.rank and i != self.rank]
-        requests = [self.comm.Isend(self._send.bytes, dest=i, tag=self.TAG_FETCH) for i in readers]
-        if self._send_overflow is not None:
-            requests += [self.comm.Isend(self._send_overflow, dest=i, tag=self.TAG_FETCH_META) for i in readers]
+        send = self._send  # as the stream sent it: nothing packs into it until the next stream
+        requests = self._isend_frame(send, send.overflow, readers, self.TAG_FETCH, self.TAG_FETCH_META)
         out = None
         if source is not None and source != self.rank:
-            recv = self._recv
-            self.comm.Recv(recv.bytes, source=source, tag=self.TAG_FETCH)
-            extra = None
-            if recv.overflows():
-                extra = bytearray(recv.meta_length())
-                self.comm.Recv(extra, source=source, tag=self.TAG_FETCH_META)
-            out = recv.payload, recv.get_meta(None if extra is None else bytes(extra))
+            out = self._recv.payload, self._recv_frame(self._recv, source, self.TAG_FETCH, self.TAG_FETCH_META)
         self._MPI.Request.Waitall(requests)
         return out
+
+    def _isend_frame(self, frame: Frame, overflow: bytes | None, readers: list[int], tag: int, meta_tag: int) -> list:
+        """``frame`` (then its metadata overflow) to each of ``readers``, posted, not waited for."""
+        requests = [self.comm.Isend(frame.bytes, dest=i, tag=tag) for i in readers]
+        if overflow is not None:
+            requests += [self.comm.Isend(overflow, dest=i, tag=meta_tag) for i in readers]
+        return requests
+
+    def _recv_frame(self, frame: Frame, source: int, tag: int, meta_tag: int) -> dict:
+        """A frame from ``source`` into ``frame``; its metadata (and overflow, when there is one)."""
+        self.comm.Recv(frame.bytes, source=source, tag=tag)
+        if not frame.overflows():
+            return frame.get_meta()
+        extra = bytearray(frame.meta_length())
+        self.comm.Recv(extra, source=source, tag=meta_tag)
+        return frame.get_meta(bytes(extra))
 
     def broadcast(self, tag, buf, meta, root):
         frame = self._frame("_send" if root == self.rank else "_recv", buf.size, buf.dtype)
@@ -464,12 +471,7 @@ class FileComm(Comm):
 
     def allreduce_sum(self, tag, buf, meta):
         # Same order (task 0..K-1) and precision as the MPI backend's float64 reduction.
-        total, metas = np.zeros(buf.shape, np.float64), []
-        for _, b, m in self.candidates(tag, buf, meta):
-            if m.get("finite", True):  # a stale peer's checkpoint may be non-finite: skip it
-                total += b
-            metas.append(m)
-        return total, metas
+        return self._sum_in_order(tag, buf, meta, np.float64)
 
     def allgather(self, tag, obj):
         path = self._path(tag, self.rank, "json")

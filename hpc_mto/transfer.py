@@ -65,9 +65,14 @@ def choose_source(gains: dict[int, tuple[float, float]], min_gain: float) -> tup
     """
     if not gains:
         return None, None
-    j = max(gains, key=lambda i: (gains[i][0], -gains[i][1], -i))
+    j = leading(gains)
     gain = gains[j][0]
     return (j, gain) if gain > min_gain else (None, gain)
+
+
+def leading(gains: dict[int, tuple[float, float]]) -> int:
+    """The candidate ranked first: the largest gain, then the lower loss, then the lower index."""
+    return max(gains, key=lambda i: (gains[i][0], -gains[i][1], -i))
 
 
 def scored_peers(seed: int, round_index: int, task: int, k: int, m: int | None) -> list[int]:
@@ -245,7 +250,7 @@ class Exchange:
             if not math.isfinite(scores[j]):
                 continue
             gains[j] = (own_scores[j] - scores[j], scores[j])
-            if not refetch and max(gains, key=lambda i: (gains[i][0], -gains[i][1], -i)) == j:
+            if not refetch and leading(gains) == j:
                 best_buf[...] = buf  # keep only the leading candidate: memory stays constant in K
                 best_meta = m
         proposed, gain = choose_source(gains, cfg.min_gain)
